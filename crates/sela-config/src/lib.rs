@@ -1,0 +1,484 @@
+//! The pipeline configuration: one TOML file per experiment (`pipelines/*.toml`), read by every
+//! stage. Every hyperparameter lives here; stages may override single values from the command
+//! line (`--set section.key=value`), and the hash of the resolved configuration is stamped into
+//! every output so a file can be traced to the exact settings that produced it.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// An error loading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: invalid pipeline config: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("--set {assignment}: {message}")]
+    Override { assignment: String, message: String },
+    #[error("{}: invalid pipeline config: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// A complete pipeline configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Name and seed.
+    pub pipeline: PipelineSection,
+    /// Where the data is and what shape its images have. Paths are relative to the directory the
+    /// stages run in (the repository root under `make round`).
+    pub data: DataSection,
+    /// The network.
+    pub model: ModelSection,
+    /// The label step.
+    #[serde(default)]
+    pub assign: AssignSection,
+    /// The training step.
+    #[serde(default)]
+    pub train: TrainSection,
+    /// Training-time augmentation.
+    #[serde(default)]
+    pub augment: AugmentSection,
+    /// Evaluation.
+    #[serde(default)]
+    pub eval: EvalSection,
+}
+
+/// `[pipeline]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSection {
+    /// Experiment name; outputs go to `runs/<name>/`.
+    pub name: String,
+    /// Master seed: model initialisation, augmentation, shuffling and the initial labels derive from it.
+    #[serde(default)]
+    pub seed: u64,
+    /// Rounds the learning-rate schedule is planned over.
+    #[serde(default = "default_rounds")]
+    pub rounds: u32,
+}
+
+fn default_rounds() -> u32 {
+    10
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Training dataset Parquet (clustered and trained on).
+    pub train: PathBuf,
+    /// Held-out dataset Parquet (evaluated only).
+    #[serde(default)]
+    pub test: Option<PathBuf>,
+    /// Image channels (1 or 3).
+    pub channels: usize,
+    /// Image height.
+    pub height: usize,
+    /// Image width.
+    pub width: usize,
+    /// Per-channel mean for normalisation (pixel values in 0..1).
+    #[serde(default)]
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation for normalisation.
+    #[serde(default)]
+    pub std: Vec<f32>,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Backbone: `resnet` (sela's own compact ResNet).
+    #[serde(default = "default_backbone")]
+    pub backbone: String,
+    /// Channels of each stage; each stage after the first halves the resolution.
+    #[serde(default = "default_widths")]
+    pub widths: Vec<usize>,
+    /// Residual blocks per stage.
+    #[serde(default = "default_blocks")]
+    pub blocks: Vec<usize>,
+    /// K of each head (SeLa's multi-head "K×H"): `[10, 10, 30]` is three heads.
+    pub heads: Vec<usize>,
+}
+
+fn default_backbone() -> String {
+    "resnet".to_string()
+}
+fn default_widths() -> Vec<usize> {
+    vec![32, 64, 128]
+}
+fn default_blocks() -> Vec<usize> {
+    vec![1, 1, 1]
+}
+
+/// `[assign]`: the Sinkhorn label step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AssignSection {
+    /// Exponent λ of P^λ.
+    pub lambda: f64,
+    /// Largest relative marginal error at convergence.
+    pub tol: f64,
+    /// Iteration cap.
+    pub max_iters: usize,
+    /// Cluster-size prior: `uniform`, `power:<a>` or a Parquet file.
+    pub prior: String,
+    /// Round Q to exactly balanced hard labels.
+    pub exact_balance: bool,
+    /// Warm-start from the previous round's duals.
+    pub warm_start: bool,
+}
+
+impl Default for AssignSection {
+    fn default() -> Self {
+        AssignSection {
+            lambda: 25.0,
+            tol: 1e-3,
+            max_iters: 1000,
+            prior: "uniform".to_string(),
+            exact_balance: false,
+            warm_start: true,
+        }
+    }
+}
+
+/// `[train]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    /// Epochs of training per round.
+    pub epochs_per_round: u32,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// `sgd` (with momentum) or `adamw`.
+    pub optimizer: String,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// `cosine`, `step` or `constant`, over all rounds' epochs.
+    pub schedule: String,
+    /// Linear warm-up, in epochs, at the start of the whole run.
+    pub warmup_epochs: f64,
+    /// For `step`: multiply the rate by `step_gamma` at these fractions of the run.
+    pub step_milestones: Vec<f64>,
+    /// For `step`: the decay factor.
+    pub step_gamma: f64,
+    /// Threads for training (0 = all cores).
+    pub threads: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            epochs_per_round: 1,
+            batch_size: 256,
+            optimizer: "sgd".to_string(),
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 1e-5,
+            schedule: "cosine".to_string(),
+            warmup_epochs: 0.0,
+            step_milestones: vec![0.5, 0.75],
+            step_gamma: 0.1,
+            threads: 0,
+        }
+    }
+}
+
+/// `[augment]`: applied on the fly during training, never at extraction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AugmentSection {
+    /// Random resized crop: the crop's area as a share of the image, `[min, max]`.
+    pub crop_scale: [f32; 2],
+    /// Random resized crop: aspect ratio range.
+    pub crop_ratio: [f32; 2],
+    /// Random rotation, ± degrees.
+    pub rotation_deg: f32,
+    /// Random translation, ± share of the side.
+    pub translate: f32,
+    /// Horizontal flip with probability 0.5 (off for digits and text).
+    pub hflip: bool,
+    /// Brightness jitter strength.
+    pub brightness: f32,
+    /// Contrast jitter strength.
+    pub contrast: f32,
+    /// Probability of converting an RGB image to grayscale.
+    pub grayscale_p: f32,
+}
+
+impl Default for AugmentSection {
+    fn default() -> Self {
+        AugmentSection {
+            crop_scale: [0.5, 1.0],
+            crop_ratio: [0.75, 1.333],
+            rotation_deg: 10.0,
+            translate: 0.1,
+            hflip: false,
+            brightness: 0.4,
+            contrast: 0.4,
+            grayscale_p: 0.0,
+        }
+    }
+}
+
+/// `[eval]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSection {
+    /// Neighbour counts of the weighted kNN classifier.
+    pub knn_k: Vec<usize>,
+    /// Temperature of the kNN vote weights exp(sim / T).
+    pub knn_temperature: f32,
+    /// Epochs of the linear probe's optimiser.
+    pub probe_epochs: usize,
+    /// L2 penalty of the linear probe.
+    pub probe_l2: f64,
+    /// Images per cluster in the report's galleries.
+    pub gallery_size: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection {
+            knn_k: vec![20, 200],
+            knn_temperature: 0.07,
+            probe_epochs: 100,
+            probe_l2: 1e-4,
+            gallery_size: 8,
+        }
+    }
+}
+
+impl PipelineConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with(path, &[])
+    }
+
+    /// Reads a config file, applies `section.key=value` overrides, and validates the result.
+    pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut value: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        for assignment in overrides {
+            apply_override(&mut value, assignment)?;
+        }
+        let config: PipelineConfig =
+            PipelineConfig::deserialize(value).map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks values that types alone cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        let d = &self.data;
+        if !(d.channels == 1 || d.channels == 3) {
+            return Err(format!("data.channels must be 1 or 3, got {}", d.channels));
+        }
+        if d.height < 8 || d.width < 8 {
+            return Err(format!(
+                "data.height and data.width must be at least 8, got {}×{}",
+                d.height, d.width
+            ));
+        }
+        for (name, v) in [("mean", &d.mean), ("std", &d.std)] {
+            if !v.is_empty() && v.len() != d.channels {
+                return Err(format!(
+                    "data.{name} has {} values for {} channels",
+                    v.len(),
+                    d.channels
+                ));
+            }
+        }
+        if d.std.iter().any(|&s| s <= 0.0) {
+            return Err("data.std values must be positive".to_string());
+        }
+        let m = &self.model;
+        if m.heads.is_empty() || m.heads.iter().any(|&k| k < 1) {
+            return Err("model.heads must list at least one head, each with K ≥ 1".to_string());
+        }
+        if m.widths.is_empty() || m.widths.len() != m.blocks.len() || m.widths.contains(&0) {
+            return Err(format!(
+                "model.widths ({:?}) and model.blocks ({:?}) must be non-empty, of equal length, widths > 0",
+                m.widths, m.blocks
+            ));
+        }
+        let a = &self.assign;
+        if !(a.lambda > 0.0 && a.lambda.is_finite()) {
+            return Err(format!("assign.lambda must be positive, got {}", a.lambda));
+        }
+        if !(a.tol > 0.0) {
+            return Err(format!("assign.tol must be positive, got {}", a.tol));
+        }
+        let t = &self.train;
+        if t.batch_size == 0 {
+            return Err("train.batch_size must be positive".to_string());
+        }
+        if !["sgd", "adamw"].contains(&t.optimizer.as_str()) {
+            return Err(format!(
+                "train.optimizer must be `sgd` or `adamw`, got `{}`",
+                t.optimizer
+            ));
+        }
+        if !["cosine", "step", "constant"].contains(&t.schedule.as_str()) {
+            return Err(format!(
+                "train.schedule must be `cosine`, `step` or `constant`, got `{}`",
+                t.schedule
+            ));
+        }
+        if !(t.lr > 0.0) {
+            return Err(format!("train.lr must be positive, got {}", t.lr));
+        }
+        let g = &self.augment;
+        if !(0.0 < g.crop_scale[0] && g.crop_scale[0] <= g.crop_scale[1] && g.crop_scale[1] <= 1.0)
+        {
+            return Err(format!(
+                "augment.crop_scale must satisfy 0 < min ≤ max ≤ 1, got {:?}",
+                g.crop_scale
+            ));
+        }
+        if self.eval.knn_k.contains(&0) {
+            return Err("eval.knn_k values must be positive".to_string());
+        }
+        Ok(())
+    }
+
+    /// The first 16 hex digits of the SHA-256 of the canonical JSON of the resolved config.
+    pub fn hash(&self) -> String {
+        let json = serde_json::to_string(self).expect("config serializes");
+        let digest = Sha256::digest(json.as_bytes());
+        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Per-channel mean, defaulting to 0.5.
+    pub fn mean(&self) -> Vec<f32> {
+        if self.data.mean.is_empty() {
+            vec![0.5; self.data.channels]
+        } else {
+            self.data.mean.clone()
+        }
+    }
+
+    /// Per-channel std, defaulting to 0.25.
+    pub fn std(&self) -> Vec<f32> {
+        if self.data.std.is_empty() {
+            vec![0.25; self.data.channels]
+        } else {
+            self.data.std.clone()
+        }
+    }
+}
+
+/// Applies one `section.key=value` override; the value is parsed as TOML (falling back to a string).
+fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<(), ConfigError> {
+    let err = |message: &str| ConfigError::Override {
+        assignment: assignment.to_string(),
+        message: message.to_string(),
+    };
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| err("expected section.key=value"))?;
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+        return Err(err("the key must be section.key, e.g. assign.lambda"));
+    }
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {}", raw.trim()))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
+    let section = root
+        .entry(parts[0].to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let table = section
+        .as_table_mut()
+        .ok_or_else(|| err("that section is not a table"))?;
+    table.insert(parts[1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[pipeline]
+name = "t"
+[data]
+train = "train.parquet"
+channels = 1
+height = 28
+width = 28
+[model]
+heads = [10]
+"#;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let (_d, path) = write(MINIMAL);
+        let c = PipelineConfig::load(&path).unwrap();
+        assert_eq!(c.assign.lambda, 25.0);
+        let o = PipelineConfig::load_with(
+            &path,
+            &["assign.lambda=50".into(), "train.optimizer=adamw".into()],
+        )
+        .unwrap();
+        assert_eq!(o.assign.lambda, 50.0);
+        assert_eq!(o.train.optimizer, "adamw");
+        assert_ne!(c.hash(), o.hash());
+        assert_eq!(c.hash(), PipelineConfig::load(&path).unwrap().hash());
+        assert_eq!(c.hash().len(), 16);
+    }
+
+    #[test]
+    fn unknown_key_and_wrong_type_are_named() {
+        let (_d, path) = write(&format!("{MINIMAL}\n[assign]\nlamda = 3\n"));
+        let msg = PipelineConfig::load(&path).unwrap_err().to_string();
+        assert!(msg.contains("p.toml") && msg.contains("lamda"), "{msg}");
+
+        let (_d, path) = write(&MINIMAL.replace("channels = 1", "channels = \"one\""));
+        let msg = PipelineConfig::load(&path).unwrap_err().to_string();
+        assert!(msg.contains("channels"), "{msg}");
+    }
+
+    #[test]
+    fn semantic_checks() {
+        let (_d, path) = write(MINIMAL);
+        let msg = PipelineConfig::load_with(&path, &["assign.lambda=-1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("assign.lambda must be positive"), "{msg}");
+        let msg = PipelineConfig::load_with(&path, &["lambda".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("section.key=value"), "{msg}");
+    }
+}

@@ -1,0 +1,182 @@
+//! The labels table: the Sinkhorn stage's hard assignment of every image, per head.
+//!
+//! | column | type | |
+//! |---|---|---|
+//! | `id` | UInt64 | the dataset row |
+//! | `head` | UInt32 | head index |
+//! | `label` | UInt32 | assigned cluster, `0..K_head` |
+//! | `confidence` | Float32 | the row's largest entry of Q, normalised to sum 1 over the row |
+//!
+//! Metadata `sela.assign`: the solver's per-head statistics (JSON, written by the assign stage).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, Float32Array, RecordBatch, UInt32Array, UInt64Array};
+use arrow::datatypes::{Float32Type, UInt32Type, UInt64Type};
+
+use crate::contract::{Column, ColumnType, Contract};
+use crate::error::{IoError, Result};
+use crate::meta::FileMeta;
+use crate::parts::{find_duplicate_id, resolve};
+use crate::table::{TableFile, TableWriter, DEFAULT_ROWS_PER_GROUP};
+
+/// Table name.
+pub const TABLE: &str = "labels";
+/// Schema version.
+pub const VERSION: u32 = 1;
+/// Metadata key holding the assign stage's statistics.
+pub const KEY_ASSIGN: &str = "sela.assign";
+
+/// The labels contract.
+pub fn contract() -> Contract {
+    Contract {
+        table: TABLE,
+        version: VERSION,
+        columns: vec![
+            Column::required("id", ColumnType::UInt64),
+            Column::required("head", ColumnType::UInt32),
+            Column::required("label", ColumnType::UInt32),
+            Column::required("confidence", ColumnType::Float32),
+        ],
+    }
+}
+
+/// One head's labels, aligned by row.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeadLabels {
+    /// Dataset ids.
+    pub ids: Vec<u64>,
+    /// Assigned cluster of each id.
+    pub labels: Vec<u32>,
+    /// Confidence of each assignment.
+    pub confidence: Vec<f32>,
+}
+
+impl HeadLabels {
+    /// Number of labelled rows.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether no row is labelled.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The labels reordered to follow `ids` (e.g. the dataset's order). Fails naming an id that
+    /// has no label or an id that is not in `ids`.
+    pub fn aligned_to(&self, path: &Path, head: u32, ids: &[u64]) -> Result<Vec<u32>> {
+        let index: std::collections::HashMap<u64, usize> = self
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| (id, i))
+            .collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            match index.get(&id) {
+                Some(&i) => out.push(self.labels[i]),
+                None => {
+                    return Err(IoError::Value {
+                        path: path.to_path_buf(),
+                        column: "id".to_string(),
+                        row: 0,
+                        message: format!("head {head} has no label for dataset id {id}"),
+                    })
+                }
+            }
+        }
+        if self.ids.len() != ids.len() {
+            let known: std::collections::HashSet<u64> = ids.iter().copied().collect();
+            if let Some(extra) = self.ids.iter().find(|id| !known.contains(id)) {
+                return Err(IoError::Value {
+                    path: path.to_path_buf(),
+                    column: "id".to_string(),
+                    row: 0,
+                    message: format!("head {head} labels id {extra}, which is not in the dataset"),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Writes a labels file atomically: every head's rows, head by head.
+pub fn write(
+    target: impl AsRef<Path>,
+    heads: &BTreeMap<u32, HeadLabels>,
+    meta: &FileMeta,
+) -> Result<PathBuf> {
+    let schema = Arc::new(contract().schema());
+    let mut out = TableWriter::create(target, schema.clone(), meta, DEFAULT_ROWS_PER_GROUP)?;
+    for (&head, rows) in heads {
+        for start in (0..rows.len()).step_by(DEFAULT_ROWS_PER_GROUP) {
+            let end = (start + DEFAULT_ROWS_PER_GROUP).min(rows.len());
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(UInt64Array::from(rows.ids[start..end].to_vec())),
+                    Arc::new(UInt32Array::from(vec![head; end - start])),
+                    Arc::new(UInt32Array::from(rows.labels[start..end].to_vec())),
+                    Arc::new(Float32Array::from(rows.confidence[start..end].to_vec())),
+                ],
+            )
+            .expect("labels batch matches its schema");
+            out.write(&batch)?;
+        }
+    }
+    out.finish()
+}
+
+/// A labels file (or set of parts) read into memory, by head.
+#[derive(Debug, Clone, Default)]
+pub struct Labels {
+    /// Labels per head.
+    pub heads: BTreeMap<u32, HeadLabels>,
+    /// Metadata of the first file.
+    pub meta: FileMeta,
+    /// Files read.
+    pub files: Vec<PathBuf>,
+}
+
+/// Reads a labels file, directory of parts or glob. Rejects an id labelled twice for one head.
+pub fn read(spec: &Path) -> Result<Labels> {
+    let files = resolve(spec)?;
+    let mut out = Labels {
+        files: files.clone(),
+        ..Default::default()
+    };
+    for (i, f) in files.iter().enumerate() {
+        let table = TableFile::open(f, &contract())?;
+        if i == 0 {
+            out.meta = table.meta().clone();
+        }
+        for batch in table.batches(64 * 1024)? {
+            let batch = batch?;
+            let ids = batch.column(0).as_primitive::<UInt64Type>();
+            let heads = batch.column(1).as_primitive::<UInt32Type>();
+            let labels = batch.column(2).as_primitive::<UInt32Type>();
+            let conf = batch.column(3).as_primitive::<Float32Type>();
+            for r in 0..batch.num_rows() {
+                let h = out.heads.entry(heads.value(r)).or_default();
+                h.ids.push(ids.value(r));
+                h.labels.push(labels.value(r));
+                h.confidence.push(conf.value(r));
+            }
+            debug_assert_eq!(ids.null_count(), 0);
+        }
+    }
+    for (head, rows) in &out.heads {
+        if let Some(dup) = find_duplicate_id(&rows.ids) {
+            return Err(IoError::Value {
+                path: spec.to_path_buf(),
+                column: "id".to_string(),
+                row: 0,
+                message: format!("id {dup} is labelled more than once for head {head}"),
+            });
+        }
+    }
+    Ok(out)
+}
