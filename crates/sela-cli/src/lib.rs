@@ -41,6 +41,30 @@ impl PipelineArgs {
     }
 }
 
+/// Pipeline flags for stages that can also run without a pipeline (an analyst's own files).
+#[derive(Debug, Clone, clap::Args)]
+pub struct OptionalPipelineArgs {
+    /// The pipeline config (TOML); when given, its values are the defaults of the other flags.
+    #[arg(long, value_name = "PIPELINE.toml")]
+    pub config: Option<PathBuf>,
+    /// Override one config value, e.g. `--set assign.lambda=50` (repeatable; needs --config).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE", requires = "config")]
+    pub overrides: Vec<String>,
+    /// The self-labeling round this invocation belongs to (stamped into outputs).
+    #[arg(long)]
+    pub round: Option<u32>,
+}
+
+impl OptionalPipelineArgs {
+    /// Loads the config, if one was given, with the overrides applied.
+    pub fn load(&self) -> anyhow::Result<Option<PipelineConfig>> {
+        match &self.config {
+            Some(path) => Ok(Some(PipelineConfig::load_with(path, &self.overrides)?)),
+            None => Ok(None),
+        }
+    }
+}
+
 /// Flags shared by every stage.
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct OutputArgs {
