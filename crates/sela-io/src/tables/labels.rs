@@ -29,6 +29,65 @@ pub const VERSION: u32 = 1;
 /// Metadata key holding the assign stage's statistics.
 pub const KEY_ASSIGN: &str = "sela.assign";
 
+/// The Sinkhorn stage's statistics: stored as JSON in the labels file's `sela.assign` metadata and
+/// in the stage's stats file (which also seeds the next round's warm start).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AssignStats {
+    /// The exponent λ of P^λ.
+    pub lambda: f64,
+    /// Convergence tolerance on the largest relative marginal error.
+    pub tol: f64,
+    /// Iteration cap.
+    pub max_iters: usize,
+    /// The cluster-size prior as given (`uniform`, `power:<a>`, a file).
+    pub prior: String,
+    /// Whether hard labels were rounded to exactly balanced sizes.
+    pub exact_balance: bool,
+    /// One entry per solved head.
+    pub heads: Vec<HeadStats>,
+}
+
+/// Statistics of one head's solve.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HeadStats {
+    /// Head index.
+    pub head: u32,
+    /// The logits column solved.
+    pub column: String,
+    /// Rows N.
+    pub n: usize,
+    /// Clusters K.
+    pub k: usize,
+    /// Sinkhorn iterations run.
+    pub iterations: usize,
+    /// Whether the tolerance was reached.
+    pub converged: bool,
+    /// Final largest relative error of the row marginals.
+    pub row_error: f64,
+    /// Final largest relative error of the column marginals.
+    pub col_error: f64,
+    /// Σ Q·log P, with Q normalised to total mass 1.
+    pub objective: f64,
+    /// Mean entropy of the rows of Q (nats).
+    pub entropy: f64,
+    /// Smallest hard cluster.
+    pub min_cluster_size: usize,
+    /// Largest hard cluster.
+    pub max_cluster_size: usize,
+    /// Numerical path used (e.g. `scaling` or `log-domain`).
+    pub path: String,
+    /// Whether the solve was warm-started.
+    pub warm_started: bool,
+    /// Wall time of the solve, seconds.
+    pub seconds: f64,
+    /// Fraction of rows whose label changed against the previous labels, when given.
+    pub churn_fraction: Option<f64>,
+    /// NMI between the previous and the new labels, when given.
+    pub churn_nmi: Option<f64>,
+    /// log β, the column duals, for warm-starting the next solve.
+    pub log_beta: Vec<f64>,
+}
+
 /// The labels contract.
 pub fn contract() -> Contract {
     Contract {
