@@ -117,7 +117,12 @@ impl TableFile {
         let builder = ParquetRecordBatchReaderBuilder::try_new(file)
             .map_err(|e| IoError::parquet(&path, e))?;
         let file_meta = builder.metadata().file_metadata();
-        let meta = FileMeta::from_key_values(&path, file_meta.key_value_metadata())?;
+        let mut meta = FileMeta::from_key_values(&path, file_meta.key_value_metadata())?;
+        // Writers that keep metadata only in the embedded Arrow schema (arrow-rs does) still
+        // count: the footer's own entries win.
+        for (k, v) in builder.schema().metadata() {
+            meta.extra.entry(k.clone()).or_insert_with(|| v.clone());
+        }
         let rows = file_meta.num_rows().max(0) as u64;
         if let Some(table) = &meta.table {
             if table != contract.table {

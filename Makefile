@@ -1,0 +1,169 @@
+# sela: self-labeling rounds as Make targets.
+#
+#   make round              run the next round of $(PIPELINE) (default: the embedded data)
+#   make rounds N=5         run the next five rounds
+#   make report             rebuild the run's HTML report
+#   make clean-run          delete the run's outputs and start over
+#   make test               build and run every test (fetches what the tests need)
+#   make data               fetch Fashion-MNIST (Debian package) and ingest all 60k/10k images
+#
+# Every stage output is a file target, so an interrupted round resumes where it stopped: rerunning
+# redoes only what is missing or older than its inputs (editing the pipeline config makes the whole
+# run stale). Round 0 is the seeded, untrained model; round r >= 1 solves labels from round r-1's
+# features, trains from round r-1's checkpoint, extracts new features and evaluates them.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
+.SUFFIXES:
+
+PIPELINE ?= pipelines/default.toml
+NAME := $(shell sed -n 's/^name *= *"\(.*\)"/\1/p' $(PIPELINE) | head -n 1)
+RUN ?= runs/$(NAME)
+TRAIN_DATA := $(shell sed -n 's/^train *= *"\(.*\)"/\1/p' $(PIPELINE) | head -n 1)
+TEST_DATA := $(shell sed -n 's/^test *= *"\(.*\)"/\1/p' $(PIPELINE) | head -n 1)
+SHARDS ?= 1
+N ?= 1
+CARGO ?= cargo
+PROFILE ?= release
+BIN := $(or $(CARGO_TARGET_DIR),target)/$(PROFILE)
+QUIET ?=
+STAGE_FLAGS := --config $(PIPELINE) $(QUIET)
+
+# The highest round whose evaluation is done, and the next one.
+DONE := $(shell ls -d $(RUN)/round-*/eval.json 2>/dev/null | sed 's|.*/round-0*\([0-9][0-9]*\)/eval.json|\1|' | sort -n | tail -n 1)
+NEXT := $(shell echo $$(( $(or $(DONE),0) + 1 )))
+
+pad = $(shell printf '%03d' $(1))
+dir = $(RUN)/round-$(call pad,$(1))
+shard_ids := $(shell seq 0 $$(( $(SHARDS) - 1 )))
+parts = $(foreach i,$(shard_ids),$(1)/part-$(shell printf '%05d' $(i))-of-$(shell printf '%05d' $(SHARDS)).parquet)
+
+.PHONY: round rounds report clean-run build test lint data data-raw data-mini bench bench-sinkhorn bench-train bench-quality check-interop
+
+round: $(call dir,$(NEXT))/eval.json $(RUN)/report.html
+	@echo "round $(NEXT) of $(NAME) done: $(call dir,$(NEXT))"
+
+rounds:
+	@for i in $$(seq $(N)); do $(MAKE) --no-print-directory round PIPELINE=$(PIPELINE) SHARDS=$(SHARDS); done
+
+report: $(RUN)/report.html
+
+clean-run:
+	rm -rf $(RUN)
+
+build:
+	$(CARGO) build --profile $(PROFILE) --bins --quiet
+
+# ---- one round's rules -------------------------------------------------------------------------
+
+# Features of one split for round $(1): parts of $(2) (train|test) from dataset $(3).
+define FEATURES
+$(call parts,$(call dir,$(1))/features-$(2)): $(call dir,$(1))/features-$(2)/part-%.parquet: $(call dir,$(1))/checkpoint.safetensors $(3) $(PIPELINE) | build
+	@mkdir -p $$(@D)
+	$(BIN)/sela-extract $(STAGE_FLAGS) --round $(1) --checkpoint $$< --dataset $(3) --output $$(@D) \
+	  --shard $$$$((10#$$$$(echo $$* | cut -c1-5))) --num-shards $(SHARDS)
+endef
+
+define ROUND0
+$(call dir,0)/checkpoint.safetensors: $(PIPELINE) | build
+	@mkdir -p $$(@D)
+	$(BIN)/sela-extract $(STAGE_FLAGS) --round 0 --init --checkpoint $$@
+
+$(call dir,0)/eval.json: $(call parts,$(call dir,0)/features-train) $(call parts,$(call dir,0)/features-test) | build
+	$(BIN)/sela-eval $(STAGE_FLAGS) --round 0 --features-train $(call dir,0)/features-train \
+	  --features-test $(call dir,0)/features-test --metrics $(RUN)/metrics.parquet \
+	  --cluster-stats $(call dir,0)/cluster_stats.parquet > $$@.tmp && mv $$@.tmp $$@
+endef
+
+# Round $(1) >= 1, previous round $(2).
+define ROUND
+$(call dir,$(1))/labels.parquet $(call dir,$(1))/assign-stats.json &: $(call parts,$(call dir,$(2))/features-train) $(PIPELINE) | build
+	@mkdir -p $$(@D)
+	$(BIN)/sela-assign $(STAGE_FLAGS) --round $(1) --logits $(call dir,$(2))/features-train \
+	  --output $(call dir,$(1))/labels.parquet --stats $(call dir,$(1))/assign-stats.json \
+	  $$(if $$(filter-out 1,$(1)),--warm-start $(call dir,$(2))/assign-stats.json --previous $(call dir,$(2))/labels.parquet)
+
+$(call dir,$(1))/checkpoint.safetensors $(call dir,$(1))/train_log.parquet &: $(call dir,$(1))/labels.parquet $(call dir,$(2))/checkpoint.safetensors $(PIPELINE) | build
+	$(BIN)/sela-train $(STAGE_FLAGS) --round $(1) --dataset $(TRAIN_DATA) --labels $(call dir,$(1))/labels.parquet \
+	  --init $(call dir,$(2))/checkpoint.safetensors --output $(call dir,$(1))/checkpoint.safetensors \
+	  --log $(call dir,$(1))/train_log.parquet --resume
+
+$(call dir,$(1))/eval.json: $(call parts,$(call dir,$(1))/features-train) $(call parts,$(call dir,$(1))/features-test) $(call dir,$(1))/labels.parquet $(call dir,$(1))/assign-stats.json $(call dir,$(2))/eval.json | build
+	$(BIN)/sela-eval $(STAGE_FLAGS) --round $(1) --features-train $(call dir,$(1))/features-train \
+	  --features-test $(call dir,$(1))/features-test --labels $(call dir,$(1))/labels.parquet \
+	  --assign-stats $(call dir,$(1))/assign-stats.json --metrics $(RUN)/metrics.parquet \
+	  --cluster-stats $(call dir,$(1))/cluster_stats.parquet > $$@.tmp && mv $$@.tmp $$@
+endef
+
+$(eval $(call ROUND0))
+$(foreach r,$(shell seq 0 $(NEXT)),$(eval $(call FEATURES,$(r),train,$(TRAIN_DATA))))
+$(foreach r,$(shell seq 0 $(NEXT)),$(if $(TEST_DATA),$(eval $(call FEATURES,$(r),test,$(TEST_DATA)))))
+$(foreach r,$(shell seq 1 $(NEXT)),$(eval $(call ROUND,$(r),$(shell echo $$(( $(r) - 1 ))))))
+
+$(RUN)/report.html: $(wildcard $(RUN)/round-*/eval.json) $(call dir,$(NEXT))/eval.json | build
+	$(BIN)/sela-report $(STAGE_FLAGS) --run-dir $(RUN) --output $@
+
+# ---- data --------------------------------------------------------------------------------------
+
+FMNIST_RAW := data/raw/fashion-mnist-deb/usr/share/datasets/fashion-mnist
+FMNIST_CLASSES := T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot
+
+data-raw: $(FMNIST_RAW)/train-images-idx3-ubyte.gz
+
+$(FMNIST_RAW)/train-images-idx3-ubyte.gz:
+	@mkdir -p data/raw
+	cd data/raw && { apt-get download dataset-fashion-mnist 2>/dev/null || { apt-get update -qq && apt-get download dataset-fashion-mnist; }; }
+	dpkg-deb -x data/raw/dataset-fashion-mnist_*_all.deb data/raw/fashion-mnist-deb
+	touch $@
+
+data: data/fashion-mnist/train.parquet data/fashion-mnist/test.parquet
+
+data/fashion-mnist/train.parquet: $(FMNIST_RAW)/train-images-idx3-ubyte.gz | build
+	@mkdir -p $(@D)
+	cd $(FMNIST_RAW) && $(CURDIR)/$(BIN)/sela-ingest idx --images train-images-idx3-ubyte.gz \
+	  --labels train-labels-idx1-ubyte.gz --class-names '$(FMNIST_CLASSES)' --output $(CURDIR)/$@
+
+data/fashion-mnist/test.parquet: $(FMNIST_RAW)/train-images-idx3-ubyte.gz | build
+	@mkdir -p $(@D)
+	cd $(FMNIST_RAW) && $(CURDIR)/$(BIN)/sela-ingest idx --images t10k-images-idx3-ubyte.gz \
+	  --labels t10k-labels-idx1-ubyte.gz --class-names '$(FMNIST_CLASSES)' --output $(CURDIR)/$@
+
+# The embedded default data (committed): a class-balanced 2,000 + 1,000 image subset.
+data-mini: $(FMNIST_RAW)/train-images-idx3-ubyte.gz | build
+	@mkdir -p data/fashion-mnist-mini
+	cd $(FMNIST_RAW) && $(CURDIR)/$(BIN)/sela-ingest idx --images train-images-idx3-ubyte.gz \
+	  --labels train-labels-idx1-ubyte.gz --class-names '$(FMNIST_CLASSES)' --per-class 200 \
+	  --output $(CURDIR)/data/fashion-mnist-mini/train.parquet
+	cd $(FMNIST_RAW) && $(CURDIR)/$(BIN)/sela-ingest idx --images t10k-images-idx3-ubyte.gz \
+	  --labels t10k-labels-idx1-ubyte.gz --class-names '$(FMNIST_CLASSES)' --per-class 100 \
+	  --output $(CURDIR)/data/fashion-mnist-mini/test.parquet
+
+# ---- tests and checks --------------------------------------------------------------------------
+
+# What the tests need beyond cargo: the raw IDX files (the embedded data is checked against them)
+# and a headless Chromium (the report is checked in a real browser).
+test-deps: data-raw
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: test-deps
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# ---- benchmarks (release builds; each prints ratios against a baseline measured in the same run)
+
+bench: bench-sinkhorn bench-train
+
+bench-sinkhorn:
+	$(CARGO) bench -p sela-sinkhorn --bench sinkhorn
+
+bench-train:
+	$(CARGO) bench -p sela-nn --bench train_speed
+
+bench-quality: data
+	$(MAKE) clean-run PIPELINE=pipelines/fashion-mnist.toml
+	time $(MAKE) rounds PIPELINE=pipelines/fashion-mnist.toml N=$$(sed -n 's/^rounds *= *\([0-9]*\)/\1/p' pipelines/fashion-mnist.toml)
