@@ -329,7 +329,7 @@ impl PipelineConfig {
         if !(a.lambda > 0.0 && a.lambda.is_finite()) {
             return Err(format!("assign.lambda must be positive, got {}", a.lambda));
         }
-        if !(a.tol > 0.0) {
+        if a.tol.is_nan() || a.tol <= 0.0 {
             return Err(format!("assign.tol must be positive, got {}", a.tol));
         }
         let t = &self.train;
@@ -348,7 +348,7 @@ impl PipelineConfig {
                 t.schedule
             ));
         }
-        if !(t.lr > 0.0) {
+        if t.lr.is_nan() || t.lr <= 0.0 {
             return Err(format!("train.lr must be positive, got {}", t.lr));
         }
         let g = &self.augment;

@@ -313,13 +313,13 @@ pub fn ingest_hf_parquet(
                     .map(|e| format!("not a decodable PNG/JPEG image: {e}"))
             })
             .collect();
-        for i in 0..batch.len() {
+        for (i, problem) in problems.iter().enumerate() {
             let id = if has_id {
                 batch.ids().value(i)
             } else {
                 row + i as u64
             };
-            if let Some(p) = &problems[i] {
+            if let Some(p) = problem {
                 bail!(
                     "{}: row {} (column `{image_column}`): {p}",
                     input.display(),

@@ -1,1 +1,114 @@
-//! sela-report
+//! `sela-report`: one self-contained HTML page per run that answers "is it learning?".
+//!
+//! The page holds headline numbers (latest against round 0 and optional floors), metrics over
+//! rounds, the cluster-size distribution, a cluster × class heat map, and per cluster a gallery
+//! of its most and least confident images. Charts are plotters SVG inlined in the page; images
+//! are the dataset's own encoded bytes as `data:` URIs. Nothing is fetched from the network.
+
+pub mod html;
+mod page;
+pub mod plots;
+pub mod rundir;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use sela_config::PipelineConfig;
+use serde::Serialize;
+
+use crate::rundir::{cluster_stats, images, latest_assignment, round_dirs, train_loss, Truth};
+
+/// The stage's name.
+pub const STAGE: &str = "sela-report";
+
+/// What to report on.
+#[derive(Debug, Clone)]
+pub struct ReportOptions {
+    /// The run's pipeline config (training dataset, heads, gallery size).
+    pub config: PipelineConfig,
+    /// The run directory (`metrics.parquet` and `round-RRR/` folders).
+    pub run_dir: PathBuf,
+    /// The HTML file to write.
+    pub output: PathBuf,
+    /// The head whose clusters the heat map and galleries show.
+    pub head: u32,
+    /// Reference values drawn with the metrics, by metric name (e.g. `acc`, `knn20_acc`).
+    pub floors: Vec<(String, f64)>,
+    /// What the reference values are.
+    pub floor_label: String,
+    /// Largest number of clusters given a gallery and a heat-map row (the largest ones).
+    pub max_clusters: usize,
+}
+
+/// The one-line JSON summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub output: PathBuf,
+    pub bytes: usize,
+    pub rounds: Vec<u32>,
+    pub head: u32,
+    pub charts: usize,
+    pub gallery_clusters: usize,
+    pub gallery_images: usize,
+    pub notes: Vec<String>,
+}
+
+/// Reads the run, renders the page and writes it atomically.
+pub fn run(opts: &ReportOptions) -> Result<Summary> {
+    let cfg = &opts.config;
+    let Some(&k) = cfg.model.heads.get(opts.head as usize) else {
+        bail!(
+            "--head {}: the pipeline has {} heads (model.heads = {:?})",
+            opts.head,
+            cfg.model.heads.len(),
+            cfg.model.heads
+        );
+    };
+    let metrics_path = opts.run_dir.join("metrics.parquet");
+    if !metrics_path.is_file() {
+        bail!(
+            "{}: no metrics yet; run sela-eval for at least one round first",
+            metrics_path.display()
+        );
+    }
+    let metrics = sela_io::metrics::read(&metrics_path)?;
+    let rounds = round_dirs(&opts.run_dir)?;
+    let stats = cluster_stats(&rounds)?;
+    let losses = train_loss(&rounds)?;
+    let assignment = latest_assignment(&rounds, opts.head, k)?;
+    let truth = Truth::read(&cfg.data.train)?;
+    let gallery = page::gallery_plan(
+        assignment.as_ref(),
+        &truth,
+        k,
+        cfg.eval.gallery_size,
+        opts.max_clusters,
+    );
+    let wanted: HashSet<u64> = gallery.ids().collect();
+    let pictures = images(&cfg.data.train, &wanted)?;
+
+    let input = page::PageInput {
+        opts,
+        k,
+        metrics: &metrics,
+        stats: &stats,
+        losses: &losses,
+        assignment: assignment.as_ref(),
+        truth: &truth,
+        gallery: &gallery,
+        pictures: &pictures,
+    };
+    let rendered = page::render(&input)?;
+    sela_io::atomic::write_bytes(&opts.output, rendered.html.as_bytes())?;
+    Ok(Summary {
+        output: opts.output.clone(),
+        bytes: rendered.html.len(),
+        rounds: rounds.iter().map(|r| r.round).collect(),
+        head: opts.head,
+        charts: rendered.charts,
+        gallery_clusters: gallery.clusters.len(),
+        gallery_images: rendered.images,
+        notes: rendered.notes,
+    })
+}

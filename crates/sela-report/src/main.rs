@@ -1,1 +1,71 @@
-fn main() {}
+//! `sela-report`: the run's HTML report.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "sela-report",
+    version,
+    about = "Write one self-contained HTML report of a run: headline numbers, metrics over \
+             rounds, cluster sizes, a cluster × class heat map and cluster galleries",
+    after_help = "Example:\n  \
+        sela-report --config pipelines/fashion-mnist.toml --run-dir runs/fashion-mnist \\\n      \
+            --output runs/fashion-mnist/report.html \\\n      \
+            --floor acc=0.559 --floor nmi=0.530 --floor ari=0.388 \\\n      \
+            --floor knn20_acc=0.842 --floor linear_probe_acc=0.834"
+)]
+struct Args {
+    #[command(flatten)]
+    pipeline: sela_cli::PipelineArgs,
+    /// The run directory: metrics.parquet and the round-RRR/ folders.
+    #[arg(long, value_name = "DIR")]
+    run_dir: PathBuf,
+    /// The HTML file to write.
+    #[arg(long, value_name = "PATH")]
+    output: PathBuf,
+    /// The head whose clusters the heat map and galleries show.
+    #[arg(long, default_value_t = 0)]
+    head: u32,
+    /// A reference value drawn with a metric, e.g. `--floor knn20_acc=0.842` (repeatable;
+    /// metrics: acc, nmi, ari, purity, knn<k>_acc, linear_probe_acc).
+    #[arg(long = "floor", value_name = "METRIC=VALUE", value_parser = parse_floor)]
+    floors: Vec<(String, f64)>,
+    /// What the --floor values are.
+    #[arg(long, default_value = "pixel-space floor")]
+    floor_label: String,
+    /// Most clusters given a gallery and a heat-map row (the largest are kept).
+    #[arg(long, default_value_t = 60)]
+    max_clusters: usize,
+    #[command(flatten)]
+    output_args: sela_cli::OutputArgs,
+}
+
+fn parse_floor(s: &str) -> Result<(String, f64), String> {
+    let (metric, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected METRIC=VALUE, got `{s}`"))?;
+    let value: f64 = value
+        .trim()
+        .parse()
+        .map_err(|e| format!("`{value}` is not a number: {e}"))?;
+    Ok((metric.trim().to_string(), value))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    sela_cli::run(|| {
+        let opts = sela_report::ReportOptions {
+            config: args.pipeline.load()?,
+            run_dir: args.run_dir,
+            output: args.output,
+            head: args.head,
+            floors: args.floors,
+            floor_label: args.floor_label,
+            max_clusters: args.max_clusters,
+        };
+        sela_report::run(&opts)
+    })
+}
