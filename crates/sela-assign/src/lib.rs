@@ -1,1 +1,500 @@
-//! sela-assign
+//! The label step of self-labelling: solve the equipartition transport problem on each head's
+//! logits with Sinkhorn-Knopp ([`sela_sinkhorn`]) and write hard labels.
+//!
+//! Input: a features table (file, directory of part files or glob) or any Parquet with an `id`
+//! column and a fixed-size-list logits column. Without `--column` every `logits_<h>` column is
+//! solved as head h; with `--column NAME` that column is solved as head 0. Heads are solved one
+//! after another, each in one f32 N×K matrix read straight from the Parquet row groups.
+//!
+//! Output: the labels table (`id`, `head`, `label`, `confidence`) with the solver statistics
+//! ([`AssignStats`]) in its `sela.assign` metadata, and the same statistics as a JSON file
+//! (`--stats`, default `assign-stats.json` beside the labels), which a later round can
+//! warm-start from (`--warm-start`). Everything is deterministic except the `seconds` fields.
+//!
+//! Fewer rows than clusters (N < K) is an error: an equipartition would leave clusters empty.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context};
+use sela_cli::{OptionalPipelineArgs, OutputArgs, Progress};
+use sela_io::contract::{Column, ColumnType, Contract};
+use sela_io::features;
+use sela_io::labels::{self, AssignStats, HeadLabels, HeadStats};
+use sela_io::table::TableFile;
+use sela_io::{FileMeta, Provenance};
+use sela_sinkhorn::Sinkhorn;
+use serde::Serialize;
+
+/// Command-line flags of `sela-assign`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "sela-assign",
+    version,
+    about = "Self-labels by optimal transport: Sinkhorn-Knopp on each head's logits, hard labels out",
+    long_about = "Self-labels by optimal transport. For each head, finds Q = diag(α)·P^λ·diag(β) \
+        with row sums 1/N and column sums given by the prior (uniform by default), where \
+        P^λ ∝ exp(λ·(z − rowmax)), and labels each row with the argmax of its row of Q.\n\n\
+        Requires N ≥ K (at least as many rows as clusters); fewer rows is an error.",
+    after_help = "Examples:\n  \
+        sela-assign --logits runs/m/round-000/features-train \\\n    \
+        --output runs/m/round-001/labels.parquet --config pipelines/m.toml --round 1 \\\n    \
+        --warm-start runs/m/round-000/assign-stats.json\n  \
+        sela-assign --logits mine.parquet --column z --output labels.parquet \\\n    \
+        --lambda 50 --exact-balance"
+)]
+pub struct Args {
+    /// Logits: a Parquet file, a directory of part files, or a glob.
+    #[arg(long, value_name = "PATH")]
+    pub logits: PathBuf,
+    /// The labels file to write.
+    #[arg(long, value_name = "LABELS.parquet")]
+    pub output: PathBuf,
+    /// Solve this fixed-size-list column as head 0 (default: every `logits_<h>` column).
+    #[arg(long, value_name = "NAME")]
+    pub column: Option<String>,
+    /// Exponent λ of P^λ [config assign.lambda, default 25].
+    #[arg(long, value_name = "λ", value_parser = positive_f64, allow_negative_numbers = true)]
+    pub lambda: Option<f64>,
+    /// Stop when the largest relative marginal error is below this [config assign.tol, default 1e-3].
+    #[arg(long, value_parser = positive_f64, allow_negative_numbers = true)]
+    pub tol: Option<f64>,
+    /// Iteration cap [config assign.max_iters, default 1000].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_iters: Option<u64>,
+    /// Cluster-size prior: `uniform`, `power:<a>` (share of cluster k ∝ (k+1)^−a), or a prior
+    /// Parquet file (`cluster`, `weight`) [config assign.prior, default uniform].
+    #[arg(long, value_name = "SPEC")]
+    pub prior: Option<String>,
+    /// Previous round's labels: report churn (fraction changed, NMI) against them.
+    #[arg(long, value_name = "LABELS.parquet")]
+    pub previous: Option<PathBuf>,
+    /// Warm-start each head from the column duals in a previous stats file.
+    #[arg(long, value_name = "STATS")]
+    pub warm_start: Option<PathBuf>,
+    /// Round to exactly balanced hard labels (sizes ⌊N/K⌋ or ⌈N/K⌉), by confidence
+    /// [or config assign.exact_balance].
+    #[arg(long)]
+    pub exact_balance: bool,
+    /// Fail (writing nothing) when a head does not converge.
+    #[arg(long)]
+    pub strict: bool,
+    /// Order among equally confident rows in --exact-balance [config pipeline.seed, default 0].
+    /// The solve itself uses no randomness.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Where to write the statistics JSON [default: assign-stats.json beside --output].
+    #[arg(long, value_name = "PATH")]
+    pub stats: Option<PathBuf>,
+    #[command(flatten)]
+    pub pipeline: OptionalPipelineArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+fn positive_f64(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        Ok(x) => Err(format!("must be a positive finite number, got {x}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The one-line summary printed on stdout.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// The labels file written.
+    pub output: PathBuf,
+    /// The statistics file written.
+    pub stats: PathBuf,
+    /// Rows labelled per head.
+    pub rows: usize,
+    /// Per head, the essentials of its solve.
+    pub heads: Vec<HeadSummary>,
+}
+
+/// One head in the [`Summary`].
+#[derive(Debug, Clone, Serialize)]
+pub struct HeadSummary {
+    /// Head index.
+    pub head: u32,
+    /// Clusters K.
+    pub k: usize,
+    /// Sinkhorn iterations run.
+    pub iterations: usize,
+    /// Whether the tolerance was reached.
+    pub converged: bool,
+    /// Final largest relative column-marginal error.
+    pub col_error: f64,
+    /// `scaling` or `stabilized`.
+    pub path: String,
+    /// Whether the solve started from previous duals.
+    pub warm_started: bool,
+    /// Wall time of the head, seconds.
+    pub seconds: f64,
+    /// Fraction of labels changed against `--previous`.
+    pub churn_fraction: Option<f64>,
+}
+
+/// A cluster-size prior as given on the command line or in the config.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prior {
+    /// Every cluster the same share.
+    Uniform,
+    /// Share of cluster k ∝ (k+1)^−a.
+    Power(f64),
+    /// Weights per cluster from a prior Parquet file.
+    File(PathBuf),
+}
+
+impl Prior {
+    /// Parses `uniform`, `power:<a>` or the path of an existing file.
+    pub fn parse(spec: &str) -> anyhow::Result<Self> {
+        if spec == "uniform" {
+            return Ok(Prior::Uniform);
+        }
+        if let Some(a) = spec.strip_prefix("power:") {
+            return match a.parse::<f64>() {
+                Ok(a) if a.is_finite() => Ok(Prior::Power(a)),
+                _ => bail!("prior `{spec}`: `power:` takes a finite number, e.g. `power:0.5`"),
+            };
+        }
+        let path = PathBuf::from(spec);
+        if !path.is_file() {
+            bail!("prior `{spec}` is neither `uniform`, `power:<a>` nor an existing Parquet file");
+        }
+        Ok(Prior::File(path))
+    }
+
+    /// The normalised column marginals for `k` clusters.
+    pub fn marginals(&self, k: usize) -> anyhow::Result<Vec<f64>> {
+        Ok(match self {
+            Prior::Uniform => sela_sinkhorn::uniform_marginals(k),
+            Prior::Power(a) => sela_sinkhorn::power_marginals(k, *a)?,
+            Prior::File(path) => {
+                let w = sela_io::prior::read(path, k)?;
+                if let Some(j) = w.iter().position(|&x| x <= 0.0) {
+                    bail!(
+                        "{}: cluster {j} has weight 0; every cluster needs a positive weight",
+                        path.display()
+                    );
+                }
+                w
+            }
+        })
+    }
+}
+
+/// The settings after merging flags over the config's `[assign]` section over the defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Exponent λ.
+    pub lambda: f64,
+    /// Convergence tolerance.
+    pub tol: f64,
+    /// Iteration cap.
+    pub max_iters: usize,
+    /// The prior as given.
+    pub prior_spec: String,
+    /// The prior, parsed.
+    pub prior: Prior,
+    /// Round to exactly balanced labels.
+    pub exact_balance: bool,
+    /// Tie order of --exact-balance.
+    pub seed: u64,
+    /// Round stamped into provenance.
+    pub round: Option<u32>,
+    /// Hash of the pipeline config, when one was given.
+    pub config_hash: Option<String>,
+}
+
+impl Settings {
+    /// Explicit flags win over the config, which wins over the built-in defaults.
+    pub fn resolve(args: &Args) -> anyhow::Result<Self> {
+        let config = args.pipeline.load()?;
+        let d = config
+            .as_ref()
+            .map(|c| c.assign.clone())
+            .unwrap_or_default();
+        let prior_spec = args.prior.clone().unwrap_or(d.prior);
+        let lambda = args.lambda.unwrap_or(d.lambda);
+        if !(lambda.is_finite() && lambda > 0.0) {
+            bail!("lambda must be a positive finite number, got {lambda}");
+        }
+        Ok(Settings {
+            lambda,
+            tol: args.tol.unwrap_or(d.tol),
+            max_iters: args.max_iters.map_or(d.max_iters, |m| m as usize),
+            prior: Prior::parse(&prior_spec)?,
+            prior_spec,
+            exact_balance: args.exact_balance || d.exact_balance,
+            seed: args
+                .seed
+                .or(config.as_ref().map(|c| c.pipeline.seed))
+                .unwrap_or(0),
+            round: args.pipeline.round,
+            config_hash: config.as_ref().map(|c| c.hash()),
+        })
+    }
+}
+
+/// The head columns to solve: `(head index, column name)`.
+pub fn head_columns(logits: &Path, column: Option<&str>) -> anyhow::Result<Vec<(u32, String)>> {
+    if let Some(c) = column {
+        return Ok(vec![(0, c.to_string())]);
+    }
+    let files = sela_io::parts::resolve(logits)?;
+    let contract = Contract {
+        table: features::TABLE,
+        version: features::VERSION,
+        columns: vec![Column::required("id", ColumnType::UInt64)],
+    };
+    let table = TableFile::open(&files[0], &contract)?;
+    let names = features::logits_columns(table.schema());
+    if names.is_empty() {
+        let found: Vec<String> = table
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        bail!(
+            "{}: no `logits_<h>` columns (found: {}); name the column to solve with --column",
+            files[0].display(),
+            found.join(", ")
+        );
+    }
+    Ok(names
+        .into_iter()
+        .map(|n| {
+            let h = features::parse_logits_column(&n).expect("logits_columns parses its names");
+            (h as u32, n)
+        })
+        .collect())
+}
+
+/// Reads a stats file written by this stage.
+pub fn read_stats(path: &Path) -> anyhow::Result<AssignStats> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}: not an assign statistics file", path.display()))
+}
+
+/// The warm-start duals for `head` of size `k`, rescaled from the stats' λ to `lambda`
+/// (the duals of exp(λz) scale with λ). `None` when the stats have no such head.
+fn warm_duals(
+    path: &Path,
+    stats: &AssignStats,
+    head: u32,
+    k: usize,
+    lambda: f64,
+) -> anyhow::Result<Option<Vec<f64>>> {
+    let Some(h) = stats.heads.iter().find(|h| h.head == head) else {
+        return Ok(None);
+    };
+    if h.k != k || h.log_beta.len() != k {
+        bail!(
+            "{}: head {head} has K = {} ({} duals) in the warm-start statistics, but its logits \
+             have K = {k}",
+            path.display(),
+            h.k,
+            h.log_beta.len()
+        );
+    }
+    let scale = if stats.lambda > 0.0 {
+        lambda / stats.lambda
+    } else {
+        1.0
+    };
+    Ok(Some(h.log_beta.iter().map(|x| x * scale).collect()))
+}
+
+/// Runs the stage.
+pub fn run(args: &Args) -> anyhow::Result<Summary> {
+    let settings = Settings::resolve(args)?;
+    let heads = head_columns(&args.logits, args.column.as_deref())?;
+    let warm = match &args.warm_start {
+        Some(p) => Some((p.clone(), read_stats(p)?)),
+        None => None,
+    };
+    let previous = match &args.previous {
+        Some(p) => Some((p.clone(), labels::read(p)?)),
+        None => None,
+    };
+    let quiet = args.out.quiet;
+
+    let mut stats = AssignStats {
+        lambda: settings.lambda,
+        tol: settings.tol,
+        max_iters: settings.max_iters,
+        prior: settings.prior_spec.clone(),
+        exact_balance: settings.exact_balance,
+        heads: Vec::new(),
+    };
+    let mut out: BTreeMap<u32, HeadLabels> = BTreeMap::new();
+    let mut rows = 0;
+    for (head, column) in &heads {
+        let (head, column) = (*head, column.as_str());
+        let start = Instant::now();
+        let matrix = features::read_matrix(&args.logits, column)?;
+        let (n, k) = (matrix.ids.len(), matrix.cols);
+        let ctx = || format!("{}: column `{column}`", args.logits.display());
+        let marginals = settings
+            .prior
+            .marginals(k)
+            .with_context(|| format!("{}: prior for K = {k}", ctx()))?;
+        let duals = match &warm {
+            Some((p, s)) => warm_duals(p, s, head, k, settings.lambda)?,
+            None => None,
+        };
+        let mut solver = Sinkhorn::new(matrix.values, k, settings.lambda, duals.as_deref())
+            .map_err(|e| anyhow!("{}: {e}", ctx()))?;
+        let mut progress = Progress::new(&format!("head {head}"), None, "iterations", quiet);
+        let solution = solver
+            .solve(&marginals, settings.tol, settings.max_iters, |step| {
+                progress.inc(1);
+                progress.message(format!(
+                    "error {:.2e} (tol {:.0e})",
+                    step.error, settings.tol
+                ));
+            })
+            .map_err(|e| anyhow!("{}: {e}", ctx()))?;
+        progress.finish();
+        if !solution.converged {
+            let msg = format!(
+                "head {head} (`{column}`) did not converge: marginal error {:.3e} after {} \
+                 iterations (tol {:e})",
+                solution.error, solution.iterations, settings.tol
+            );
+            if args.strict {
+                bail!("{msg}; nothing written (--strict)");
+            }
+            eprintln!("warning: {msg}; raise --max-iters or --tol");
+        }
+        let mut assignment = solver.assign();
+        if settings.exact_balance {
+            solver.balance(&mut assignment, settings.seed);
+        }
+        let (churn_fraction, churn_nmi) = match &previous {
+            Some((path, prev)) => match prev.heads.get(&head) {
+                Some(p) => {
+                    let before = p.aligned_to(path, head, &matrix.ids)?;
+                    let changed = before
+                        .iter()
+                        .zip(&assignment.labels)
+                        .filter(|(a, b)| a != b)
+                        .count();
+                    (
+                        Some(changed as f64 / n as f64),
+                        Some(sela_metrics::nmi(&before, &assignment.labels)),
+                    )
+                }
+                None => (None, None),
+            },
+            None => (None, None),
+        };
+        let head_stats = HeadStats {
+            head,
+            column: column.to_string(),
+            n,
+            k,
+            iterations: solution.iterations,
+            converged: solution.converged,
+            row_error: assignment.row_error,
+            col_error: assignment.col_error,
+            objective: assignment.objective,
+            entropy: assignment.entropy,
+            min_cluster_size: assignment.sizes.iter().copied().min().unwrap_or(0),
+            max_cluster_size: assignment.sizes.iter().copied().max().unwrap_or(0),
+            path: solver.path().to_string(),
+            absorptions: solver.absorptions(),
+            warm_started: duals.is_some(),
+            seconds: start.elapsed().as_secs_f64(),
+            churn_fraction,
+            churn_nmi,
+            log_beta: solver.log_beta(),
+        };
+        drop(solver);
+        if !quiet {
+            eprintln!(
+                "head {head}: N = {n}, K = {k}: {} in {} iterations (error {:.2e}, {}{}), \
+                 cluster sizes {}..{}, {:.2} s",
+                if solution.converged {
+                    "converged"
+                } else {
+                    "NOT converged"
+                },
+                head_stats.iterations,
+                head_stats.col_error,
+                head_stats.path,
+                if head_stats.warm_started {
+                    ", warm start"
+                } else {
+                    ""
+                },
+                head_stats.min_cluster_size,
+                head_stats.max_cluster_size,
+                head_stats.seconds
+            );
+        }
+        rows = n;
+        stats.heads.push(head_stats);
+        out.insert(
+            head,
+            HeadLabels {
+                ids: matrix.ids,
+                labels: assignment.labels,
+                confidence: assignment.confidence,
+            },
+        );
+    }
+
+    let mut provenance = Provenance::new("sela-assign")
+        .round(settings.round)
+        .config_hash(settings.config_hash.clone())
+        .input(&args.logits);
+    for extra in [&args.warm_start, &args.previous].into_iter().flatten() {
+        provenance = provenance.input(extra);
+    }
+    if let Prior::File(p) = &settings.prior {
+        provenance = provenance.input(p);
+    }
+    let meta = FileMeta::new(labels::TABLE, labels::VERSION, provenance)
+        .with_json(labels::KEY_ASSIGN, &stats);
+    let dir = args
+        .output
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    let stats_path = args
+        .stats
+        .clone()
+        .unwrap_or_else(|| dir.join("assign-stats.json"));
+    labels::write(&args.output, &out, &meta)?;
+    let mut json = serde_json::to_vec_pretty(&stats).expect("stats serialize");
+    json.push(b'\n');
+    sela_io::atomic::write_bytes(&stats_path, &json)?;
+
+    Ok(Summary {
+        output: args.output.clone(),
+        stats: stats_path,
+        rows,
+        heads: stats
+            .heads
+            .iter()
+            .map(|h| HeadSummary {
+                head: h.head,
+                k: h.k,
+                iterations: h.iterations,
+                converged: h.converged,
+                col_error: h.col_error,
+                path: h.path.clone(),
+                warm_started: h.warm_started,
+                seconds: h.seconds,
+                churn_fraction: h.churn_fraction,
+            })
+            .collect(),
+    })
+}

@@ -74,8 +74,12 @@ pub struct HeadStats {
     pub min_cluster_size: usize,
     /// Largest hard cluster.
     pub max_cluster_size: usize,
-    /// Numerical path used (e.g. `scaling` or `log-domain`).
+    /// Numerical path used: `scaling`, or `stabilized` when the column scaling had to be absorbed
+    /// into the kernel.
     pub path: String,
+    /// Times the column scaling was absorbed into the kernel (0 on the `scaling` path).
+    #[serde(default)]
+    pub absorptions: usize,
     /// Whether the solve was warm-started.
     pub warm_started: bool,
     /// Wall time of the solve, seconds.

@@ -1,0 +1,533 @@
+//! The stage end to end: features files in, labels and statistics out.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use arrow::array::{RecordBatch, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use clap::Parser;
+use sela_assign::{run, Args};
+use sela_io::features::{vector_array, FeaturesInfo, FeaturesLayout, FeaturesWriter};
+use sela_io::labels::{self, AssignStats, HeadLabels};
+use sela_io::parts::Shard;
+use sela_io::table::TableWriter;
+use sela_io::{FileMeta, Provenance};
+
+fn noise(i: usize, j: usize, seed: u64) -> f32 {
+    let mut z = (i as u64) << 20 ^ (j as u64) ^ seed << 50;
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+}
+
+/// Row i of a head with k clusters: a bump of 2 at cluster (i·7 mod 3k) mod k, plus noise.
+fn logits(n: usize, k: usize, seed: u64) -> Vec<f32> {
+    (0..n)
+        .flat_map(|i| {
+            let c = (i * 7 % (3 * k)) % k;
+            (0..k).map(move |j| noise(i, j, seed) + if j == c { 2.0 } else { 0.0 })
+        })
+        .collect()
+}
+
+/// A one-part features file with heads of the given sizes.
+fn features(path: &Path, n: usize, heads: &[usize], poison: Option<(usize, usize)>) {
+    let info = FeaturesInfo {
+        layout: FeaturesLayout {
+            embedding_dim: 2,
+            head_sizes: heads.to_vec(),
+        },
+        dataset: "data.parquet".into(),
+        dataset_rows: n as u64,
+        checkpoint: None,
+    };
+    let mut w = FeaturesWriter::create(
+        path,
+        &info,
+        Shard::new(0, 1).unwrap(),
+        Provenance::new("test"),
+    )
+    .unwrap();
+    let ids: Vec<u64> = (0..n as u64).map(|i| 1000 + i).collect();
+    let emb = vec![0f32; 2 * n];
+    let mut per_head: Vec<Vec<f32>> = heads
+        .iter()
+        .enumerate()
+        .map(|(h, &k)| logits(n, k, h as u64))
+        .collect();
+    if let Some((row, col)) = poison {
+        per_head[0][row * heads[0] + col] = f32::NAN;
+    }
+    let refs: Vec<&[f32]> = per_head.iter().map(|v| v.as_slice()).collect();
+    w.push(&ids, &emb, &refs).unwrap();
+    w.finish().unwrap();
+}
+
+fn args(list: &[&str]) -> Args {
+    Args::try_parse_from(std::iter::once("sela-assign").chain(list.iter().copied())).unwrap()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn read_stats(path: &Path) -> AssignStats {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn without_seconds(mut s: AssignStats) -> AssignStats {
+    for h in &mut s.heads {
+        h.seconds = 0.0;
+    }
+    s
+}
+
+fn bin(list: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sela-assign"))
+        .args(list)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn every_head_is_solved_and_written_with_its_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let feats = dir.path().join("features.parquet");
+    features(&feats, 240, &[4, 6], None);
+    let out = dir.path().join("round-001").join("labels.parquet");
+    let summary = run(&args(&["--logits", p(&feats), "--output", p(&out), "-q"])).unwrap();
+    assert_eq!(summary.heads.len(), 2);
+    let stats_path = dir.path().join("round-001/assign-stats.json");
+    assert_eq!(summary.stats, stats_path);
+
+    let read = labels::read(&out).unwrap();
+    assert_eq!(read.heads.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+    for (h, k) in [(0u32, 4usize), (1, 6)] {
+        let rows = &read.heads[&h];
+        assert_eq!(rows.ids, (1000..1240).collect::<Vec<u64>>());
+        assert!(rows.labels.iter().all(|&l| (l as usize) < k));
+        assert!(rows.confidence.iter().all(|&c| c > 0.0 && c <= 1.0 + 1e-6));
+    }
+    let stats = read_stats(&stats_path);
+    let in_meta: AssignStats = read.meta.require_json(&out, labels::KEY_ASSIGN).unwrap();
+    assert_eq!(stats, in_meta);
+    assert_eq!(stats.lambda, 25.0);
+    assert_eq!(stats.prior, "uniform");
+    for (h, k) in [(0u32, 4usize), (1, 6)] {
+        let s = &stats.heads[h as usize];
+        assert_eq!(
+            (s.head, s.column.as_str(), s.n, s.k),
+            (h, format!("logits_{h}").as_str(), 240, k)
+        );
+        assert!(s.converged && s.col_error < 1e-3, "{s:?}");
+        assert!(s.iterations >= 1 && s.log_beta.len() == k);
+        assert!(s.min_cluster_size > 0 && s.max_cluster_size < 240);
+        assert!(s.entropy >= 0.0 && s.objective < 0.0);
+        assert!(!s.warm_started && s.churn_fraction.is_none());
+        assert_eq!(s.path, "scaling");
+    }
+    let prov = read.meta.provenance.unwrap();
+    assert_eq!(prov.stage, "sela-assign");
+    assert_eq!(prov.inputs, vec![feats.display().to_string()]);
+}
+
+#[test]
+fn an_analysts_column_is_solved_as_head_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mine.parquet");
+    let (n, k) = (90, 5);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::UInt64, false),
+        Field::new(
+            "z",
+            DataType::FixedSizeList(
+                Arc::new(Field::new_list_field(DataType::Float32, false)),
+                k as i32,
+            ),
+            false,
+        ),
+    ]));
+    let mut w = TableWriter::create(&file, schema.clone(), &FileMeta::default(), 32).unwrap();
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(UInt64Array::from((0..n as u64).rev().collect::<Vec<_>>())),
+            Arc::new(vector_array(&logits(n, k, 9), k)),
+        ],
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    w.finish().unwrap();
+
+    let out = dir.path().join("labels.parquet");
+    let err = run(&args(&["--logits", p(&file), "--output", p(&out), "-q"])).unwrap_err();
+    assert!(format!("{err:#}").contains("--column"), "{err:#}");
+    run(&args(&[
+        "--logits",
+        p(&file),
+        "--column",
+        "z",
+        "--output",
+        p(&out),
+        "-q",
+        "--exact-balance",
+    ]))
+    .unwrap();
+    let read = labels::read(&out).unwrap();
+    let rows = &read.heads[&0];
+    assert_eq!(rows.ids, (0..n as u64).rev().collect::<Vec<_>>());
+    let mut sizes = vec![0; k];
+    for &l in &rows.labels {
+        sizes[l as usize] += 1;
+    }
+    assert_eq!(sizes, vec![18; 5]);
+    let stats = read_stats(&dir.path().join("assign-stats.json"));
+    assert_eq!(stats.heads[0].column, "z");
+    assert!(stats.exact_balance);
+}
+
+#[test]
+fn warm_start_and_churn_against_the_previous_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let feats = dir.path().join("features.parquet");
+    features(&feats, 300, &[5, 3], None);
+    let first = dir.path().join("r1/labels.parquet");
+    run(&args(&["--logits", p(&feats), "--output", p(&first), "-q"])).unwrap();
+    let stats1 = dir.path().join("r1/assign-stats.json");
+
+    let second = dir.path().join("r2/labels.parquet");
+    run(&args(&[
+        "--logits",
+        p(&feats),
+        "--output",
+        p(&second),
+        "-q",
+        "--warm-start",
+        p(&stats1),
+        "--previous",
+        p(&first),
+    ]))
+    .unwrap();
+    let s2 = read_stats(&dir.path().join("r2/assign-stats.json"));
+    let s1 = read_stats(&stats1);
+    for (a, b) in s1.heads.iter().zip(&s2.heads) {
+        assert!(b.warm_started);
+        assert!(
+            b.iterations <= 2 && a.iterations > 5,
+            "cold {} warm {}",
+            a.iterations,
+            b.iterations
+        );
+        assert_eq!(b.churn_fraction, Some(0.0));
+        assert!((b.churn_nmi.unwrap() - 1.0).abs() < 1e-12);
+    }
+    let provenance = labels::read(&second).unwrap().meta.provenance.unwrap();
+    assert_eq!(provenance.inputs.len(), 3);
+
+    // Previous labels for head 0 only: head 1 has no churn.
+    let prev = labels::read(&first).unwrap();
+    let only0 = dir.path().join("only0.parquet");
+    let mut heads = std::collections::BTreeMap::new();
+    let mut h0: HeadLabels = prev.heads[&0].clone();
+    h0.labels
+        .iter_mut()
+        .take(30)
+        .for_each(|l| *l = (*l + 1) % 5);
+    heads.insert(0u32, h0);
+    labels::write(
+        &only0,
+        &heads,
+        &FileMeta::new(labels::TABLE, labels::VERSION, Provenance::new("test")),
+    )
+    .unwrap();
+    let third = dir.path().join("r3/labels.parquet");
+    run(&args(&[
+        "--logits",
+        p(&feats),
+        "--output",
+        p(&third),
+        "-q",
+        "--previous",
+        p(&only0),
+    ]))
+    .unwrap();
+    let s3 = read_stats(&dir.path().join("r3/assign-stats.json"));
+    assert!((s3.heads[0].churn_fraction.unwrap() - 0.1).abs() < 1e-12);
+    assert!(s3.heads[0].churn_nmi.unwrap() < 1.0);
+    assert_eq!(s3.heads[1].churn_fraction, None);
+    assert_eq!(s3.heads[1].churn_nmi, None);
+
+    // Duals for another K are refused.
+    let other = dir.path().join("other.parquet");
+    features(&other, 300, &[4], None);
+    let err = run(&args(&[
+        "--logits",
+        p(&other),
+        "--output",
+        p(&third),
+        "-q",
+        "--warm-start",
+        p(&stats1),
+    ]))
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("K = 5") && msg.contains("K = 4") && msg.contains("assign-stats.json"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn reruns_are_identical_except_for_timings() {
+    let dir = tempfile::tempdir().unwrap();
+    let feats = dir.path().join("features.parquet");
+    features(&feats, 200, &[4, 7], None);
+    let mut all = Vec::new();
+    for r in ["a", "b"] {
+        let out = dir.path().join(r).join("labels.parquet");
+        run(&args(&[
+            "--logits",
+            p(&feats),
+            "--output",
+            p(&out),
+            "-q",
+            "--exact-balance",
+        ]))
+        .unwrap();
+        all.push((
+            labels::read(&out).unwrap().heads,
+            without_seconds(read_stats(&dir.path().join(r).join("assign-stats.json"))),
+        ));
+    }
+    assert_eq!(all[0], all[1]);
+}
+
+#[test]
+fn config_gives_defaults_and_flags_override() {
+    let dir = tempfile::tempdir().unwrap();
+    let feats = dir.path().join("features.parquet");
+    features(&feats, 120, &[3], None);
+    let config = dir.path().join("p.toml");
+    std::fs::write(
+        &config,
+        "[pipeline]\nname = \"t\"\nseed = 4\n[data]\ntrain = \"x.parquet\"\nchannels = 1\nheight = 8\nwidth = 8\n\
+         [model]\nheads = [3]\n[assign]\nlambda = 10.0\ntol = 1e-4\nexact_balance = true\nprior = \"power:0.5\"\n",
+    )
+    .unwrap();
+    let out = dir.path().join("labels.parquet");
+    let base = [
+        "--logits",
+        p(&feats),
+        "--output",
+        p(&out),
+        "-q",
+        "--config",
+        p(&config),
+        "--round",
+        "3",
+    ];
+    run(&args(&base)).unwrap();
+    let s = read_stats(&dir.path().join("assign-stats.json"));
+    assert_eq!(
+        (s.lambda, s.tol, s.exact_balance, s.prior.as_str()),
+        (10.0, 1e-4, true, "power:0.5")
+    );
+    let prov = labels::read(&out).unwrap().meta.provenance.unwrap();
+    assert_eq!(prov.round, Some(3));
+    assert_eq!(prov.config_hash.as_ref().map(String::len), Some(16));
+    // power:0.5 over 120 rows: shares ∝ 1, 1/√2, 1/√3 → targets 52.5, 37.1, 30.3; exactly
+    // balanced sizes are their floors or ceilings.
+    let h = &s.heads[0];
+    assert_eq!(h.min_cluster_size, 30);
+    assert!((52..=53).contains(&h.max_cluster_size), "{h:?}");
+
+    let mut with_flags = base.to_vec();
+    with_flags.extend([
+        "--lambda",
+        "20",
+        "--prior",
+        "uniform",
+        "--set",
+        "assign.tol=1e-3",
+    ]);
+    run(&args(&with_flags)).unwrap();
+    let s = read_stats(&dir.path().join("assign-stats.json"));
+    assert_eq!((s.lambda, s.tol, s.prior.as_str()), (20.0, 1e-3, "uniform"));
+}
+
+#[test]
+fn priors_from_specs_and_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let feats = dir.path().join("features.parquet");
+    features(&feats, 200, &[4], None);
+    let out = dir.path().join("labels.parquet");
+    let prior = dir.path().join("prior.parquet");
+    sela_io::prior::write(
+        &prior,
+        &[4.0, 3.0, 2.0, 1.0],
+        &FileMeta::new(
+            sela_io::prior::TABLE,
+            sela_io::prior::VERSION,
+            Provenance::new("test"),
+        ),
+    )
+    .unwrap();
+    run(&args(&[
+        "--logits",
+        p(&feats),
+        "--output",
+        p(&out),
+        "-q",
+        "--prior",
+        p(&prior),
+        "--exact-balance",
+    ]))
+    .unwrap();
+    let sizes: Vec<usize> = {
+        let mut s = vec![0; 4];
+        for &l in &labels::read(&out).unwrap().heads[&0].labels {
+            s[l as usize] += 1;
+        }
+        s
+    };
+    assert_eq!(sizes, vec![80, 60, 40, 20]);
+
+    let err = run(&args(&[
+        "--logits",
+        p(&feats),
+        "--output",
+        p(&out),
+        "-q",
+        "--prior",
+        "zipf",
+    ]))
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("neither `uniform`, `power:<a>`"),
+        "{err:#}"
+    );
+    let err = run(&args(&[
+        "--logits",
+        p(&feats),
+        "--output",
+        p(&out),
+        "-q",
+        "--prior",
+        "power:x",
+    ]))
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("power:0.5"), "{err:#}");
+    let wrong_k = dir.path().join("prior3.parquet");
+    sela_io::prior::write(&wrong_k, &[1.0, 1.0, 1.0], &FileMeta::default()).unwrap();
+    let err = run(&args(&[
+        "--logits",
+        p(&feats),
+        "--output",
+        p(&out),
+        "-q",
+        "--prior",
+        p(&wrong_k),
+    ]))
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("prior3.parquet"), "{err:#}");
+}
+
+#[test]
+fn bad_inputs_fail_clearly_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out/labels.parquet");
+    let stats = dir.path().join("out/assign-stats.json");
+
+    let nan = dir.path().join("nan.parquet");
+    features(&nan, 50, &[3], Some((17, 2)));
+    let o = bin(&["--logits", p(&nan), "--output", p(&out), "-q"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("nan.parquet") && err.contains("logits_0") && err.contains("row 17"),
+        "{err}"
+    );
+
+    let few = dir.path().join("few.parquet");
+    features(&few, 3, &[5], None);
+    let o = bin(&["--logits", p(&few), "--output", p(&out), "-q"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("N = 3 rows is fewer than K = 5"), "{err}");
+
+    let ok = dir.path().join("ok.parquet");
+    features(&ok, 300, &[6], None);
+    for bad in ["0", "-1", "nan"] {
+        let o = bin(&["--logits", p(&ok), "--output", p(&out), "--lambda", bad]);
+        assert_eq!(o.status.code(), Some(2), "lambda {bad}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("--lambda"));
+    }
+
+    let o = bin(&[
+        "--logits",
+        p(&ok),
+        "--output",
+        p(&out),
+        "-q",
+        "--max-iters",
+        "1",
+        "--tol",
+        "1e-9",
+        "--strict",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("did not converge") && err.contains("--strict"),
+        "{err}"
+    );
+    assert!(!out.exists() && !stats.exists());
+
+    // Without --strict the same run succeeds, warns, and records the failure.
+    let o = bin(&[
+        "--logits",
+        p(&ok),
+        "--output",
+        p(&out),
+        "-q",
+        "--max-iters",
+        "1",
+        "--tol",
+        "1e-9",
+    ]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("warning: head 0"));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["heads"][0]["converged"], false);
+    assert!(!read_stats(&stats).heads[0].converged);
+}
+
+#[test]
+fn help_names_the_flags() {
+    let o = bin(&["--help"]);
+    assert!(o.status.success());
+    let help = String::from_utf8_lossy(&o.stdout);
+    for flag in [
+        "--logits",
+        "--output",
+        "--column",
+        "--lambda",
+        "--tol",
+        "--max-iters",
+        "--prior",
+        "--previous",
+        "--warm-start",
+        "--exact-balance",
+        "--strict",
+        "--seed",
+        "--stats",
+        "--config",
+        "--quiet",
+        "N ≥ K",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from help");
+    }
+}
