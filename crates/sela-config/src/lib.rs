@@ -293,6 +293,14 @@ impl PipelineConfig {
 
     /// Checks values that types alone cannot.
     pub fn validate(&self) -> Result<(), String> {
+        // TOML has `inf` and `nan`, and an f32 setting turns a large f64 into infinity.
+        if let Some((name, v)) = self
+            .float_settings()
+            .into_iter()
+            .find(|(_, v)| !v.is_finite())
+        {
+            return Err(format!("{name} must be a finite number, got {v}"));
+        }
         let d = &self.data;
         if !(d.channels == 1 || d.channels == 3) {
             return Err(format!("data.channels must be 1 or 3, got {}", d.channels));
@@ -363,6 +371,44 @@ impl PipelineConfig {
             return Err("eval.knn_k values must be positive".to_string());
         }
         Ok(())
+    }
+
+    /// Every floating-point setting, by name.
+    fn float_settings(&self) -> Vec<(&'static str, f64)> {
+        let (d, a, t, g, e) = (
+            &self.data,
+            &self.assign,
+            &self.train,
+            &self.augment,
+            &self.eval,
+        );
+        let mut out = vec![
+            ("assign.lambda", a.lambda),
+            ("assign.tol", a.tol),
+            ("train.lr", t.lr),
+            ("train.momentum", t.momentum),
+            ("train.weight_decay", t.weight_decay),
+            ("train.warmup_epochs", t.warmup_epochs),
+            ("train.step_gamma", t.step_gamma),
+            ("augment.rotation_deg", g.rotation_deg.into()),
+            ("augment.translate", g.translate.into()),
+            ("augment.brightness", g.brightness.into()),
+            ("augment.contrast", g.contrast.into()),
+            ("augment.grayscale_p", g.grayscale_p.into()),
+            ("eval.knn_temperature", e.knn_temperature.into()),
+            ("eval.probe_l2", e.probe_l2),
+        ];
+        let lists: [(&'static str, Vec<f64>); 5] = [
+            ("data.mean", d.mean.iter().map(|&v| v.into()).collect()),
+            ("data.std", d.std.iter().map(|&v| v.into()).collect()),
+            ("train.step_milestones", t.step_milestones.clone()),
+            ("augment.crop_scale", g.crop_scale.map(f64::from).to_vec()),
+            ("augment.crop_ratio", g.crop_ratio.map(f64::from).to_vec()),
+        ];
+        for (name, values) in lists {
+            out.extend(values.into_iter().map(|v| (name, v)));
+        }
+        out
     }
 
     /// The first 16 hex digits of the SHA-256 of the canonical JSON of the resolved config.
@@ -480,5 +526,28 @@ heads = [10]
             .unwrap_err()
             .to_string();
         assert!(msg.contains("section.key=value"), "{msg}");
+    }
+
+    /// Found by fuzzing: `inf`, `nan` and f64 values too large for an f32 setting (which become
+    /// infinite) were accepted.
+    #[test]
+    fn non_finite_numbers_are_refused() {
+        let (_d, path) = write(MINIMAL);
+        for (set, name) in [
+            ("augment.rotation_deg=-6.15e109", "augment.rotation_deg"),
+            ("train.lr=inf", "train.lr"),
+            ("train.momentum=nan", "train.momentum"),
+            ("data.std=[nan]", "data.std"),
+            ("augment.crop_ratio=[0.5, 1e39]", "augment.crop_ratio"),
+            ("eval.knn_temperature=-inf", "eval.knn_temperature"),
+        ] {
+            let msg = PipelineConfig::load_with(&path, &[set.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains("p.toml") && msg.contains(&format!("{name} must be a finite number")),
+                "{set}: {msg}"
+            );
+        }
     }
 }

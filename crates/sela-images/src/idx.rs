@@ -32,6 +32,8 @@ pub enum IdxError {
         expected: u64,
         actual: u64,
     },
+    #[error("{}: header dimensions {dims:?} describe more bytes than this machine can address", path.display())]
+    Dimensions { path: PathBuf, dims: Vec<usize> },
 }
 
 /// Images from an IDX file: `count` gray images of `rows`×`cols`, row-major, one byte a pixel.
@@ -54,27 +56,60 @@ impl IdxImages {
 const IMAGES_MAGIC: u32 = 0x0000_0803;
 const LABELS_MAGIC: u32 = 0x0000_0801;
 
-/// Reads a whole file, transparently gunzipping it when it starts with the gzip magic.
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, IdxError> {
-    let raw = std::fs::read(path).map_err(|source| IdxError::Read {
+fn read_error(path: &Path, source: std::io::Error) -> IdxError {
+    IdxError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|source| IdxError::Read {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(
-                    source.kind(),
-                    format!("corrupt gzip stream: {source}"),
-                ),
-            })?;
-        Ok(out)
-    } else {
-        Ok(raw)
     }
+}
+
+fn gzip_error(path: &Path, source: std::io::Error) -> IdxError {
+    read_error(
+        path,
+        std::io::Error::new(source.kind(), format!("corrupt gzip stream: {source}")),
+    )
+}
+
+/// Reads an IDX file of `dims` dimensions, plain or gzip-compressed: its dimensions and its
+/// data, which must be exactly as long as the dimensions say. Nothing is sized from the header
+/// before it is checked, and a gzip stream is inflated no further than the header promises.
+fn read_idx(
+    path: &Path,
+    what: &'static str,
+    magic: u32,
+    dims: usize,
+) -> Result<(Vec<usize>, Vec<u8>), IdxError> {
+    let mut raw = std::fs::read(path).map_err(|e| read_error(path, e))?;
+    let head_len = 4 + 4 * dims;
+    if !raw.starts_with(&[0x1f, 0x8b]) {
+        let shape = header(path, &raw, what, magic, dims)?;
+        check_len(path, raw.len() - head_len, data_len(path, &shape)?)?;
+        raw.drain(..head_len);
+        return Ok((shape, raw));
+    }
+    let mut gz = flate2::read::MultiGzDecoder::new(&raw[..]);
+    let mut head = Vec::with_capacity(head_len);
+    (&mut gz)
+        .take(head_len as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| gzip_error(path, e))?;
+    let shape = header(path, &head, what, magic, dims)?;
+    let expected = data_len(path, &shape)?;
+    let mut data = Vec::new();
+    (&mut gz)
+        .take((expected as u64).saturating_add(1))
+        .read_to_end(&mut data)
+        .map_err(|e| gzip_error(path, e))?;
+    if data.len() > expected {
+        let rest = std::io::copy(&mut gz, &mut std::io::sink()).map_err(|e| gzip_error(path, e))?;
+        return Err(IdxError::Trailing {
+            path: path.to_path_buf(),
+            expected: expected as u64,
+            actual: rest + 1,
+        });
+    }
+    check_len(path, data.len(), expected)?;
+    Ok((shape, data))
 }
 
 fn header(
@@ -115,6 +150,16 @@ fn header(
         .collect())
 }
 
+/// The data bytes the header's dimensions describe, refusing a product that overflows.
+fn data_len(path: &Path, dims: &[usize]) -> Result<usize, IdxError> {
+    dims.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| IdxError::Dimensions {
+            path: path.to_path_buf(),
+            dims: dims.to_vec(),
+        })
+}
+
 fn check_len(path: &Path, have: usize, expected: usize) -> Result<(), IdxError> {
     match have.cmp(&expected) {
         std::cmp::Ordering::Less => Err(IdxError::Truncated {
@@ -133,26 +178,18 @@ fn check_len(path: &Path, have: usize, expected: usize) -> Result<(), IdxError> 
 
 /// Reads an `idx3-ubyte` image file.
 pub fn read_images(path: &Path) -> Result<IdxImages, IdxError> {
-    let bytes = read_maybe_gz(path)?;
-    let dims = header(path, &bytes, "image", IMAGES_MAGIC, 3)?;
-    let (count, rows, cols) = (dims[0], dims[1], dims[2]);
-    let data = &bytes[16..];
-    check_len(path, data.len(), count * rows * cols)?;
+    let (dims, pixels) = read_idx(path, "image", IMAGES_MAGIC, 3)?;
     Ok(IdxImages {
-        count,
-        rows,
-        cols,
-        pixels: data.to_vec(),
+        count: dims[0],
+        rows: dims[1],
+        cols: dims[2],
+        pixels,
     })
 }
 
 /// Reads an `idx1-ubyte` label file.
 pub fn read_labels(path: &Path) -> Result<Vec<u8>, IdxError> {
-    let bytes = read_maybe_gz(path)?;
-    let dims = header(path, &bytes, "label", LABELS_MAGIC, 1)?;
-    let data = &bytes[8..];
-    check_len(path, data.len(), dims[0])?;
-    Ok(data.to_vec())
+    Ok(read_idx(path, "label", LABELS_MAGIC, 1)?.1)
 }
 
 /// Encodes images as an IDX image file (uncompressed); used by tests and tools.
@@ -236,5 +273,35 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("truncated"));
+    }
+
+    /// Found by fuzzing: `count * rows * cols` overflowed (a panic in debug builds; in release
+    /// 2^31 × 2^31 × 4 wrapped to 0 and an empty file was accepted as 2^31 images).
+    #[test]
+    fn overflowing_dimensions_are_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let max = u32::MAX as usize;
+        // The last product is exactly 2^64 - 1 = (2^32 - 1) × 641 × 6700417.
+        for (count, rows, cols) in [(1 << 31, 1 << 31, 4), (max, max, max), (max, 641, 6700417)] {
+            let mut bytes = IMAGES_MAGIC.to_be_bytes().to_vec();
+            for d in [count, rows, cols] {
+                bytes.extend_from_slice(&(d as u32).to_be_bytes());
+            }
+            std::fs::write(&p, &bytes).unwrap();
+            let msg = read_images(&p).unwrap_err().to_string();
+            let want = if usize::BITS == 64 && count == max && rows == 641 {
+                "truncated"
+            } else {
+                "header dimensions"
+            };
+            assert!(msg.contains(want) && msg.contains("/f"), "{msg}");
+            let gz = dir.path().join("f.gz");
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut enc, &bytes).unwrap();
+            std::fs::write(&gz, enc.finish().unwrap()).unwrap();
+            let msg = read_images(&gz).unwrap_err().to_string();
+            assert!(msg.contains(want), "{msg}");
+        }
     }
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
-use sela_io::dataset::DatasetFile;
+use sela_io::dataset::{DatasetBatch, DatasetFile};
 
 use crate::codec;
 
@@ -97,32 +97,9 @@ impl ImageSet {
             let rows: Vec<usize> = (0..batch.len())
                 .filter(|&i| keep(batch.ids().value(i)))
                 .collect();
-            let decoded: Vec<Result<Vec<u8>, ImageSetError>> = rows
-                .par_iter()
-                .map(|&i| {
-                    let bad = |message: String| ImageSetError::Image {
-                        path: path.to_path_buf(),
-                        row: row0 + i as u64,
-                        id: batch.ids().value(i),
-                        message,
-                    };
-                    if batch.image_missing(i) {
-                        return Err(bad("no image bytes".to_string()));
-                    }
-                    let p = codec::decode(batch.image_bytes(i), channels)
-                        .map_err(|e| bad(format!("cannot decode image: {e}")))?;
-                    if p.width != width || p.height != height {
-                        return Err(bad(format!(
-                            "image is {}×{}, the pipeline expects {}×{} (data.width × data.height); \
-                             re-ingest with --resize {}x{}",
-                            p.width, p.height, width, height, width, height
-                        )));
-                    }
-                    Ok(p.data)
-                })
-                .collect();
-            for (&i, pixels) in rows.iter().zip(decoded) {
-                set.pixels.extend_from_slice(&pixels?);
+            let pixels = decode_rows(path, &batch, row0, &rows, channels, height, width)?;
+            set.pixels.extend_from_slice(&pixels);
+            for &i in &rows {
                 set.ids.push(batch.ids().value(i));
                 set.labels.push(batch.label(i));
             }
@@ -143,4 +120,46 @@ impl ImageSet {
         }
         Ok(set)
     }
+}
+
+/// Decodes rows `rows` of a dataset batch (whose first row is row `row0` of `path`) in parallel
+/// into concatenated HWC pixels, checking every image decodes to `width`×`height`.
+pub fn decode_rows(
+    path: &Path,
+    batch: &DatasetBatch,
+    row0: u64,
+    rows: &[usize],
+    channels: usize,
+    height: usize,
+    width: usize,
+) -> Result<Vec<u8>, ImageSetError> {
+    let decoded: Vec<Result<Vec<u8>, ImageSetError>> = rows
+        .par_iter()
+        .map(|&i| {
+            let bad = |message: String| ImageSetError::Image {
+                path: path.to_path_buf(),
+                row: row0 + i as u64,
+                id: batch.ids().value(i),
+                message,
+            };
+            if batch.image_missing(i) {
+                return Err(bad("no image bytes".to_string()));
+            }
+            let p = codec::decode(batch.image_bytes(i), channels)
+                .map_err(|e| bad(format!("cannot decode image: {e}")))?;
+            if p.width != width || p.height != height {
+                return Err(bad(format!(
+                    "image is {}×{}, the pipeline expects {}×{} (data.width × data.height); \
+                     re-ingest with --resize {}x{}",
+                    p.width, p.height, width, height, width, height
+                )));
+            }
+            Ok(p.data)
+        })
+        .collect();
+    let mut out = Vec::with_capacity(rows.len() * channels * height * width);
+    for pixels in decoded {
+        out.extend_from_slice(&pixels?);
+    }
+    Ok(out)
 }

@@ -141,26 +141,46 @@ fn check_part_names(spec: &Path, files: &[PathBuf]) -> Result<()> {
             ),
         });
     }
-    let mut seen = vec![false; count];
-    for s in &shards {
-        seen[s.index] = true;
-    }
-    let missing: Vec<String> = seen
-        .iter()
-        .enumerate()
-        .filter(|(_, &s)| !s)
-        .map(|(i, _)| Shard { index: i, count }.file_name())
-        .collect();
-    if !missing.is_empty() {
+    let indices: Vec<usize> = shards.iter().map(|s| s.index).collect();
+    let (missing, total) = missing_indices(&indices, count, 8);
+    if total > 0 {
+        let names: Vec<String> = missing
+            .iter()
+            .map(|&index| Shard { index, count }.file_name())
+            .collect();
+        let more = if total > missing.len() {
+            format!(" and {} more", total - missing.len())
+        } else {
+            String::new()
+        };
         return Err(IoError::Parts {
             path: spec.to_path_buf(),
             message: format!(
-                "incomplete set of {count} parts: missing {}",
-                missing.join(", ")
+                "incomplete set of {count} parts: missing {}{more}",
+                names.join(", ")
             ),
         });
     }
     Ok(())
+}
+
+/// The first `limit` indices of `0..count` absent from `indices`, and how many are absent in
+/// all. Memory grows with `indices`, not with `count` (which comes from file names or metadata).
+pub(crate) fn missing_indices(
+    indices: &[usize],
+    count: usize,
+    limit: usize,
+) -> (Vec<usize>, usize) {
+    let mut present: Vec<usize> = indices.iter().copied().filter(|&i| i < count).collect();
+    present.sort_unstable();
+    present.dedup();
+    let mut missing = Vec::new();
+    let mut next = 0;
+    for end in present.iter().copied().chain([count]) {
+        missing.extend((next..end).take(limit - missing.len()));
+        next = end.saturating_add(1);
+    }
+    (missing, count - present.len())
 }
 
 /// Minimal glob matching: `*` matches any run of characters, `?` any one character.
@@ -244,6 +264,24 @@ mod tests {
         std::fs::write(dir.path().join(Shard::new(0, 4).unwrap().file_name()), b"").unwrap();
         let err = resolve(dir.path()).unwrap_err().to_string();
         assert!(err.contains("disagree"), "{err}");
+    }
+
+    /// Found by fuzzing: a part name with a huge count (`part-00000-of-18446744073709551615`)
+    /// made the completeness check allocate a flag per shard and abort.
+    #[test]
+    fn huge_part_counts_are_refused_without_allocating_per_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("part-00000-of-{}.parquet", usize::MAX);
+        std::fs::write(dir.path().join(name), b"").unwrap();
+        let err = resolve(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("missing part-00001-of-18446744073709551615.parquet")
+                && err.contains(&format!("and {} more", usize::MAX - 9)),
+            "{err}"
+        );
+        assert_eq!(missing_indices(&[3, 0, 3, 9], 6, 8), (vec![1, 2, 4, 5], 4));
+        assert_eq!(missing_indices(&[1], 3, 1), (vec![0], 2));
+        assert_eq!(missing_indices(&[0, 1], 2, 8), (vec![], 0));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Writing and reading whole tables: an atomic Parquet writer and a validating, streaming reader.
 
 use std::fs::File;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -10,6 +11,8 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::Compression;
+use parquet::errors::ParquetError;
+use parquet::file::metadata::ParquetMetaData;
 use parquet::file::properties::WriterProperties;
 
 use crate::atomic::AtomicFile;
@@ -114,8 +117,10 @@ impl TableFile {
     pub fn open(path: impl AsRef<Path>, contract: &Contract) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|e| IoError::os(&path, e))?;
+        let file_len = file.metadata().map_err(|e| IoError::os(&path, e))?.len();
         let builder = ParquetRecordBatchReaderBuilder::try_new(file)
             .map_err(|e| IoError::parquet(&path, e))?;
+        check_chunks(&path, builder.metadata(), file_len)?;
         let file_meta = builder.metadata().file_metadata();
         let mut meta = FileMeta::from_key_values(&path, file_meta.key_value_metadata())?;
         // Writers that keep metadata only in the embedded Arrow schema (arrow-rs does) still
@@ -224,7 +229,9 @@ impl TableFile {
             contract: self.contract,
             wanted,
             reader,
+            rows: self.rows,
             row: 0,
+            failed: false,
         })
     }
 
@@ -234,6 +241,33 @@ impl TableFile {
         let batches: Vec<RecordBatch> = self.batches(64 * 1024)?.collect::<Result<_>>()?;
         concat(&path, batches)
     }
+}
+
+/// Checks that every column chunk the footer lists lies inside the file. A corrupt footer can
+/// say otherwise, and the Parquet reader panics on a negative offset instead of failing.
+fn check_chunks(path: &Path, metadata: &ParquetMetaData, file_len: u64) -> Result<()> {
+    for (g, group) in metadata.row_groups().iter().enumerate() {
+        for chunk in group.columns() {
+            let start = chunk
+                .dictionary_page_offset()
+                .unwrap_or(chunk.data_page_offset());
+            let len = chunk.compressed_size();
+            let inside = start >= 0
+                && len >= 0
+                && (start as u64)
+                    .checked_add(len as u64)
+                    .is_some_and(|end| end <= file_len);
+            if !inside {
+                let message = format!(
+                    "row group {g}, column `{}`: the footer places its {len} bytes at offset \
+                     {start}, outside the file's {file_len} bytes",
+                    chunk.column_path().string()
+                );
+                return Err(IoError::parquet(path, ParquetError::General(message)));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Concatenates batches of one schema (an empty list gives no batch: callers use a typed empty).
@@ -251,7 +285,11 @@ pub struct TableBatches {
     contract: Contract,
     wanted: Vec<String>,
     reader: ParquetRecordBatchReader,
+    /// Rows the footer promises.
+    rows: u64,
     row: u64,
+    /// Set once the decoder has panicked or the rows did not add up.
+    failed: bool,
 }
 
 impl TableBatches {
@@ -296,9 +334,41 @@ impl Iterator for TableBatches {
     type Item = Result<RecordBatch>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let batch = match self.reader.next()? {
-            Ok(b) => b,
-            Err(e) => return Some(Err(IoError::arrow(&self.path, e))),
+        if self.failed {
+            return None;
+        }
+        // The Parquet decoder panics on some corrupt pages (a dictionary-encoded page without a
+        // dictionary, say) instead of failing: turn that into an error naming the file, and never
+        // touch the reader again.
+        let next = std::panic::catch_unwind(AssertUnwindSafe(|| self.reader.next()));
+        let batch = match next {
+            Ok(None) if self.row == self.rows => return None,
+            Ok(None) => {
+                self.failed = true;
+                let message = format!(
+                    "the footer promises {} rows, the pages hold {}",
+                    self.rows, self.row
+                );
+                return Some(Err(IoError::parquet(
+                    &self.path,
+                    ParquetError::General(message),
+                )));
+            }
+            Ok(Some(Ok(b))) => b,
+            Ok(Some(Err(e))) => return Some(Err(IoError::arrow(&self.path, e))),
+            Err(panic) => {
+                self.failed = true;
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                let message = format!("the decoder failed on corrupt data: {what}");
+                return Some(Err(IoError::parquet(
+                    &self.path,
+                    ParquetError::General(message),
+                )));
+            }
         };
         let n = batch.num_rows() as u64;
         let out = self.canonical(batch);

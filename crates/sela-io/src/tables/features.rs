@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::contract::{Column, ColumnType, Contract};
 use crate::error::{IoError, Result};
 use crate::meta::{FileMeta, Provenance};
-use crate::parts::{find_duplicate_id, resolve, Shard, KEY_SHARD};
+use crate::parts::{find_duplicate_id, missing_indices, resolve, Shard, KEY_SHARD};
 use crate::table::{rows_per_group_for, TableFile, TableWriter};
 
 /// Table name.
@@ -153,7 +153,7 @@ pub fn vector_array(values: &[f32], width: usize) -> FixedSizeListArray {
 /// One vector column of a (possibly sharded) table, read into a row-major matrix.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Matrix {
-    /// Row ids, in file order.
+    /// Row ids, ascending.
     pub ids: Vec<u64>,
     /// Row-major values, `ids.len() * cols`.
     pub values: Vec<f32>,
@@ -174,6 +174,13 @@ pub fn open_parts(spec: &Path) -> Result<(Vec<PathBuf>, Option<FeaturesInfo>)> {
         let table = TableFile::open(f, &id_contract())?;
         let this: Option<FeaturesInfo> = table.meta().json(f, KEY_INFO)?;
         let shard: Option<Shard> = table.meta().json(f, KEY_SHARD)?;
+        if let Some(s) = shard {
+            Shard::new(s.index, s.count).map_err(|message| IoError::Metadata {
+                path: f.clone(),
+                key: KEY_SHARD.to_string(),
+                message,
+            })?;
+        }
         rows += table.num_rows();
         if let Some(s) = shard {
             shards.push((f.clone(), s));
@@ -199,23 +206,22 @@ pub fn open_parts(spec: &Path) -> Result<(Vec<PathBuf>, Option<FeaturesInfo>)> {
     if let Some(info) = &info {
         if let Some((_, s0)) = shards.first() {
             let count = s0.count;
-            let mut seen = vec![0usize; count];
-            for (f, s) in &shards {
-                if s.count != count {
-                    return Err(IoError::Parts {
-                        path: f.clone(),
-                        message: format!("shard of {} parts among shards of {count}", s.count),
-                    });
-                }
-                seen[s.index] += 1;
+            if let Some((f, s)) = shards.iter().find(|(_, s)| s.count != count) {
+                return Err(IoError::Parts {
+                    path: f.clone(),
+                    message: format!("shard of {} parts among shards of {count}", s.count),
+                });
             }
-            if let Some(i) = seen.iter().position(|&c| c != 1) {
+            let mut indices: Vec<usize> = shards.iter().map(|(_, s)| s.index).collect();
+            indices.sort_unstable();
+            // The smallest index that is missing or there more than once.
+            let missing = missing_indices(&indices, count, 1).0.first().copied();
+            let twice = indices.windows(2).find(|w| w[0] == w[1]).map(|w| w[0]);
+            if let Some(i) = missing.into_iter().chain(twice).min() {
+                let times = indices.iter().filter(|&&j| j == i).count();
                 return Err(IoError::Parts {
                     path: spec.to_path_buf(),
-                    message: format!(
-                        "shard {i} of {count} appears {} times (expected once)",
-                        seen[i]
-                    ),
+                    message: format!("shard {i} of {count} appears {times} times (expected once)"),
                 });
             }
         }
@@ -241,7 +247,8 @@ fn id_contract() -> Contract {
 }
 
 /// Reads column `column` (a vector column) and `id` from a file, directory of parts or glob into
-/// one matrix, streaming row groups straight into the destination. Rejects NaN/inf values
+/// one matrix, streaming row groups straight into the destination; rows come out in ascending id
+/// order. Rejects NaN/inf values
 /// (naming file, row and column) and duplicate ids.
 pub fn read_matrix(spec: &Path, column: &str) -> Result<Matrix> {
     let (files, _) = open_parts(spec)?;
@@ -257,9 +264,18 @@ pub fn read_matrix(spec: &Path, column: &str) -> Result<Matrix> {
         .iter()
         .map(|f| TableFile::open(f, &contract))
         .collect::<Result<Vec<_>>>()?;
-    let total: u64 = tables.iter().map(TableFile::num_rows).sum();
+    // Room for the rows the footers claim, but never for more rows than the files have bytes:
+    // a corrupt footer must not make a small file reserve terabytes. Only a hint; vectors grow.
+    let claimed = tables
+        .iter()
+        .fold(0u64, |n, t| n.saturating_add(t.num_rows()));
+    let on_disk = files.iter().fold(0u64, |n, f| {
+        n.saturating_add(std::fs::metadata(f).map_or(0, |m| m.len()))
+    });
+    let rows_hint = usize::try_from(claimed.min(on_disk)).unwrap_or(usize::MAX);
     let mut cols: Option<usize> = None;
-    let mut ids = Vec::with_capacity(total as usize);
+    let mut ids = Vec::new();
+    let _ = ids.try_reserve_exact(rows_hint);
     let mut values: Vec<f32> = Vec::new();
     for table in tables {
         let path = table.path().to_path_buf();
@@ -273,7 +289,9 @@ pub fn read_matrix(spec: &Path, column: &str) -> Result<Matrix> {
             match cols {
                 None => {
                     cols = Some(width);
-                    values.reserve_exact(total as usize * width);
+                    if let Some(n) = rows_hint.checked_mul(width) {
+                        let _ = values.try_reserve_exact(n);
+                    }
                 }
                 Some(c) if c != width => {
                     return Err(IoError::ColumnType {
@@ -306,12 +324,48 @@ pub fn read_matrix(spec: &Path, column: &str) -> Result<Matrix> {
             message: format!("id {dup} occurs more than once"),
         });
     }
+    let cols = cols.unwrap_or(0);
+    sort_rows_by_id(&mut ids, &mut values, cols);
     Ok(Matrix {
         ids,
         values,
-        cols: cols.unwrap_or(0),
+        cols,
         files,
     })
+}
+
+/// Puts the rows in ascending id order, in place (one row of scratch), so that whatever order
+/// the files and shards held them in, consumers see one canonical order: computations over the
+/// rows (the Sinkhorn stage's sums, say) then do not depend on how extraction was sharded.
+fn sort_rows_by_id(ids: &mut [u64], values: &mut [f32], cols: usize) {
+    if ids.windows(2).all(|w| w[0] < w[1]) {
+        return;
+    }
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_unstable_by_key(|&r| ids[r]);
+    // Row `dst` must receive row `order[dst]`: follow each permutation cycle once.
+    let mut done = vec![false; ids.len()];
+    let mut scratch = vec![0f32; cols];
+    for start in 0..ids.len() {
+        if done[start] || order[start] == start {
+            continue;
+        }
+        scratch.copy_from_slice(&values[start * cols..(start + 1) * cols]);
+        let first_id = ids[start];
+        let mut dst = start;
+        loop {
+            done[dst] = true;
+            let src = order[dst];
+            if src == start {
+                values[dst * cols..(dst + 1) * cols].copy_from_slice(&scratch);
+                ids[dst] = first_id;
+                break;
+            }
+            values.copy_within(src * cols..(src + 1) * cols, dst * cols);
+            ids[dst] = ids[src];
+            dst = src;
+        }
+    }
 }
 
 /// The names of the `logits_<h>` columns of a file, in head order.
@@ -323,4 +377,22 @@ pub fn logits_columns(schema: &Schema) -> Vec<String> {
         .collect();
     heads.sort();
     heads.into_iter().map(|(_, n)| n).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_sorted_by_id_in_place() {
+        let mut ids = vec![5, 1, 4, 2, 3, 0];
+        let mut values: Vec<f32> = ids
+            .iter()
+            .flat_map(|&id| [id as f32, -(id as f32)])
+            .collect();
+        sort_rows_by_id(&mut ids, &mut values, 2);
+        assert_eq!(ids, vec![0, 1, 2, 3, 4, 5]);
+        let expected: Vec<f32> = (0..6).flat_map(|id| [id as f32, -(id as f32)]).collect();
+        assert_eq!(values, expected);
+    }
 }
