@@ -26,7 +26,8 @@ SHARDS ?= 1
 N ?= 1
 CARGO ?= cargo
 PROFILE ?= release
-BIN := $(or $(CARGO_TARGET_DIR),target)/$(PROFILE)
+# Where the stage binaries are (cargo's dev profile builds into target/debug).
+BIN ?= $(or $(CARGO_TARGET_DIR),target)/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 QUIET ?=
 STAGE_FLAGS := --config $(PIPELINE) $(QUIET)
 
@@ -35,14 +36,14 @@ DONE := $(shell ls -d $(RUN)/round-*/eval.json 2>/dev/null | sed 's|.*/round-0*\
 NEXT := $(shell echo $$(( $(or $(DONE),0) + 1 )))
 
 pad = $(shell printf '%03d' $(1))
-dir = $(RUN)/round-$(call pad,$(1))
+round_dir = $(RUN)/round-$(call pad,$(1))
 shard_ids := $(shell seq 0 $$(( $(SHARDS) - 1 )))
 parts = $(foreach i,$(shard_ids),$(1)/part-$(shell printf '%05d' $(i))-of-$(shell printf '%05d' $(SHARDS)).parquet)
 
 .PHONY: round rounds report clean-run build test lint data data-raw data-mini bench bench-sinkhorn bench-train bench-quality check-interop
 
-round: $(call dir,$(NEXT))/eval.json $(RUN)/report.html
-	@echo "round $(NEXT) of $(NAME) done: $(call dir,$(NEXT))"
+round: $(call round_dir,$(NEXT))/eval.json $(RUN)/report.html
+	@echo "round $(NEXT) of $(NAME) done: $(call round_dir,$(NEXT))"
 
 rounds:
 	@for i in $$(seq $(N)); do $(MAKE) --no-print-directory round PIPELINE=$(PIPELINE) SHARDS=$(SHARDS); done
@@ -53,47 +54,47 @@ clean-run:
 	rm -rf $(RUN)
 
 build:
-	$(CARGO) build --profile $(PROFILE) --bins --quiet
+	$(CARGO) build --profile $(PROFILE) --workspace --bins --quiet
 
 # ---- one round's rules -------------------------------------------------------------------------
 
 # Features of one split for round $(1): parts of $(2) (train|test) from dataset $(3).
 define FEATURES
-$(call parts,$(call dir,$(1))/features-$(2)): $(call dir,$(1))/features-$(2)/part-%.parquet: $(call dir,$(1))/checkpoint.safetensors $(3) $(PIPELINE) | build
+$(call parts,$(call round_dir,$(1))/features-$(2)): $(call round_dir,$(1))/features-$(2)/part-%.parquet: $(call round_dir,$(1))/checkpoint.safetensors $(3) $(PIPELINE) | build
 	@mkdir -p $$(@D)
 	$(BIN)/sela-extract $(STAGE_FLAGS) --round $(1) --checkpoint $$< --dataset $(3) --output $$(@D) \
 	  --shard $$$$((10#$$$$(echo $$* | cut -c1-5))) --num-shards $(SHARDS)
 endef
 
 define ROUND0
-$(call dir,0)/checkpoint.safetensors: $(PIPELINE) | build
+$(call round_dir,0)/checkpoint.safetensors: $(PIPELINE) | build
 	@mkdir -p $$(@D)
 	$(BIN)/sela-extract $(STAGE_FLAGS) --round 0 --init --checkpoint $$@
 
-$(call dir,0)/eval.json: $(call parts,$(call dir,0)/features-train) $(call parts,$(call dir,0)/features-test) | build
-	$(BIN)/sela-eval $(STAGE_FLAGS) --round 0 --features-train $(call dir,0)/features-train \
-	  --features-test $(call dir,0)/features-test --metrics $(RUN)/metrics.parquet \
-	  --cluster-stats $(call dir,0)/cluster_stats.parquet > $$@.tmp && mv $$@.tmp $$@
+$(call round_dir,0)/eval.json: $(call parts,$(call round_dir,0)/features-train) $(call parts,$(call round_dir,0)/features-test) | build
+	$(BIN)/sela-eval $(STAGE_FLAGS) --round 0 --features-train $(call round_dir,0)/features-train \
+	  --features-test $(call round_dir,0)/features-test --metrics $(RUN)/metrics.parquet \
+	  --cluster-stats $(call round_dir,0)/cluster_stats.parquet > $$@.tmp && mv $$@.tmp $$@
 endef
 
 # Round $(1) >= 1, previous round $(2).
 define ROUND
-$(call dir,$(1))/labels.parquet $(call dir,$(1))/assign-stats.json &: $(call parts,$(call dir,$(2))/features-train) $(PIPELINE) | build
+$(call round_dir,$(1))/labels.parquet $(call round_dir,$(1))/assign-stats.json &: $(call parts,$(call round_dir,$(2))/features-train) $(PIPELINE) | build
 	@mkdir -p $$(@D)
-	$(BIN)/sela-assign $(STAGE_FLAGS) --round $(1) --logits $(call dir,$(2))/features-train \
-	  --output $(call dir,$(1))/labels.parquet --stats $(call dir,$(1))/assign-stats.json \
-	  $$(if $$(filter-out 1,$(1)),--warm-start $(call dir,$(2))/assign-stats.json --previous $(call dir,$(2))/labels.parquet)
+	$(BIN)/sela-assign $(STAGE_FLAGS) --round $(1) --logits $(call round_dir,$(2))/features-train \
+	  --output $(call round_dir,$(1))/labels.parquet --stats $(call round_dir,$(1))/assign-stats.json \
+	  $$(if $$(filter-out 1,$(1)),--warm-start $(call round_dir,$(2))/assign-stats.json --previous $(call round_dir,$(2))/labels.parquet)
 
-$(call dir,$(1))/checkpoint.safetensors $(call dir,$(1))/train_log.parquet &: $(call dir,$(1))/labels.parquet $(call dir,$(2))/checkpoint.safetensors $(PIPELINE) | build
-	$(BIN)/sela-train $(STAGE_FLAGS) --round $(1) --dataset $(TRAIN_DATA) --labels $(call dir,$(1))/labels.parquet \
-	  --init $(call dir,$(2))/checkpoint.safetensors --output $(call dir,$(1))/checkpoint.safetensors \
-	  --log $(call dir,$(1))/train_log.parquet --resume
+$(call round_dir,$(1))/checkpoint.safetensors $(call round_dir,$(1))/train_log.parquet &: $(call round_dir,$(1))/labels.parquet $(call round_dir,$(2))/checkpoint.safetensors $(PIPELINE) | build
+	$(BIN)/sela-train $(STAGE_FLAGS) --round $(1) --dataset $(TRAIN_DATA) --labels $(call round_dir,$(1))/labels.parquet \
+	  --init $(call round_dir,$(2))/checkpoint.safetensors --output $(call round_dir,$(1))/checkpoint.safetensors \
+	  --log $(call round_dir,$(1))/train_log.parquet --resume
 
-$(call dir,$(1))/eval.json: $(call parts,$(call dir,$(1))/features-train) $(call parts,$(call dir,$(1))/features-test) $(call dir,$(1))/labels.parquet $(call dir,$(1))/assign-stats.json $(call dir,$(2))/eval.json | build
-	$(BIN)/sela-eval $(STAGE_FLAGS) --round $(1) --features-train $(call dir,$(1))/features-train \
-	  --features-test $(call dir,$(1))/features-test --labels $(call dir,$(1))/labels.parquet \
-	  --assign-stats $(call dir,$(1))/assign-stats.json --metrics $(RUN)/metrics.parquet \
-	  --cluster-stats $(call dir,$(1))/cluster_stats.parquet > $$@.tmp && mv $$@.tmp $$@
+$(call round_dir,$(1))/eval.json: $(call parts,$(call round_dir,$(1))/features-train) $(call parts,$(call round_dir,$(1))/features-test) $(call round_dir,$(1))/labels.parquet $(call round_dir,$(1))/assign-stats.json $(call round_dir,$(2))/eval.json | build
+	$(BIN)/sela-eval $(STAGE_FLAGS) --round $(1) --features-train $(call round_dir,$(1))/features-train \
+	  --features-test $(call round_dir,$(1))/features-test --labels $(call round_dir,$(1))/labels.parquet \
+	  --assign-stats $(call round_dir,$(1))/assign-stats.json --metrics $(RUN)/metrics.parquet \
+	  --cluster-stats $(call round_dir,$(1))/cluster_stats.parquet > $$@.tmp && mv $$@.tmp $$@
 endef
 
 $(eval $(call ROUND0))
@@ -101,7 +102,7 @@ $(foreach r,$(shell seq 0 $(NEXT)),$(eval $(call FEATURES,$(r),train,$(TRAIN_DAT
 $(foreach r,$(shell seq 0 $(NEXT)),$(if $(TEST_DATA),$(eval $(call FEATURES,$(r),test,$(TEST_DATA)))))
 $(foreach r,$(shell seq 1 $(NEXT)),$(eval $(call ROUND,$(r),$(shell echo $$(( $(r) - 1 ))))))
 
-$(RUN)/report.html: $(wildcard $(RUN)/round-*/eval.json) $(call dir,$(NEXT))/eval.json | build
+$(RUN)/report.html: $(wildcard $(RUN)/round-*/eval.json) $(call round_dir,$(NEXT))/eval.json | build
 	$(BIN)/sela-report $(STAGE_FLAGS) --run-dir $(RUN) --output $@
 
 # ---- data --------------------------------------------------------------------------------------

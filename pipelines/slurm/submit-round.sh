@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Submits one self-labeling round of a pipeline to Slurm, stages wired with --dependency=afterok:
+#
+#   assign (1 task) -> train (1 task) -> extract train+test (array jobs, one shard per task)
+#   -> eval (1 task) -> report (1 task)
+#
+# Round 0 (the seeded initial model) is: init -> extract arrays -> eval.
+#
+# Usage: pipelines/slurm/submit-round.sh PIPELINE.toml ROUND [SHARDS]
+# Run from the repository root after `make build` (binaries in $SELA_BIN, default target/release). Outputs land in
+# runs/<pipeline name>/round-RRR/ exactly as `make round` lays them out, so Make and Slurm can
+# take turns on the same run (RUN_DIR overrides runs/<name>). Extra sbatch flags (partition,
+# account, ...) go in SBATCH_FLAGS.
+set -euo pipefail
+
+pipeline=${1:?usage: submit-round.sh PIPELINE.toml ROUND [SHARDS]}
+round=${2:?usage: submit-round.sh PIPELINE.toml ROUND [SHARDS]}
+shards=${3:-16}
+here=$(cd "$(dirname "$0")" && pwd)
+export SELA_BIN=${SELA_BIN:-target/release}
+name=$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$pipeline" | head -n 1)
+train_data=$(sed -n 's/^train *= *"\(.*\)"/\1/p' "$pipeline" | head -n 1)
+test_data=$(sed -n 's/^test *= *"\(.*\)"/\1/p' "$pipeline" | head -n 1)
+run=${RUN_DIR:-runs/$name}
+dir=$run/$(printf 'round-%03d' "$round")
+prev=$run/$(printf 'round-%03d' $((round - 1)))
+mkdir -p "$dir" "$run/slurm-logs"
+
+submit() { # prints the job id
+    sbatch --parsable ${SBATCH_FLAGS:-} --output="$run/slurm-logs/%x-%A_%a.out" "$@"
+}
+export PIPELINE=$pipeline ROUND=$round RUN_DIR=$run ROUND_DIR=$dir PREV_DIR=$prev
+
+if [ "$round" -eq 0 ]; then
+    dep=$(submit --job-name=sela-init --wrap \
+        "$SELA_BIN/sela-extract --config $pipeline --round 0 --init --checkpoint $dir/checkpoint.safetensors")
+else
+    dep=$(submit --job-name=sela-assign "$here/assign.sbatch")
+    dep=$(submit --job-name=sela-train --dependency=afterok:"$dep" "$here/train.sbatch")
+fi
+
+extract_ids=()
+for split in train test; do
+    data=$train_data
+    [ "$split" = test ] && data=$test_data
+    [ -n "$data" ] || continue
+    extract_ids+=("$(DATASET=$data SPLIT=$split submit --job-name=sela-extract-$split \
+        --array=0-$((shards - 1)) --dependency=afterok:"$dep" "$here/extract.sbatch")")
+done
+deps=$(IFS=:; echo "${extract_ids[*]}")
+dep=$(submit --job-name=sela-eval --dependency=afterok:"$deps" "$here/eval.sbatch")
+dep=$(submit --job-name=sela-report --dependency=afterok:"$dep" --wrap \
+    "$SELA_BIN/sela-report --config $pipeline --run-dir $run --output $run/report.html")
+echo "round $round of $name submitted; last job $dep"
