@@ -32,8 +32,10 @@ fn outcome(run: &Path) -> Outcome {
     };
     for r in 1..=2 {
         let d = round_dir(run, r);
-        o.labels.push(labels::read(&d.join("labels.parquet")).unwrap().heads);
-        o.checkpoints.push(std::fs::read(d.join("checkpoint.safetensors")).unwrap());
+        o.labels
+            .push(labels::read(&d.join("labels.parquet")).unwrap().heads);
+        o.checkpoints
+            .push(std::fs::read(d.join("checkpoint.safetensors")).unwrap());
         o.losses.push(
             train_log::read(&d.join("train_log.parquet"))
                 .unwrap()
@@ -46,7 +48,15 @@ fn outcome(run: &Path) -> Outcome {
         .unwrap()
         .into_iter()
         .filter(|row| !row.metric.ends_with("seconds"))
-        .map(|row| (row.round, row.head, row.split, row.metric, row.value.to_bits()))
+        .map(|row| {
+            (
+                row.round,
+                row.head,
+                row.split,
+                row.metric,
+                row.value.to_bits(),
+            )
+        })
         .collect();
     m.sort();
     o.metrics = m;
@@ -60,7 +70,10 @@ fn two_rounds_are_complete_deterministic_and_resumable() {
     let run_a = dir.path().join("runs/a");
     let run_b = dir.path().join("runs/b");
 
-    check(&make("rounds", &pipeline, &run_a, &["N=2"]), "make rounds N=2 (run a)");
+    check(
+        &make("rounds", &pipeline, &run_a, &["N=2"]),
+        "make rounds N=2 (run a)",
+    );
 
     // Every output exists and validates against its contract.
     let layout = features::FeaturesLayout {
@@ -69,7 +82,10 @@ fn two_rounds_are_complete_deterministic_and_resumable() {
     };
     for r in 0..=2 {
         let d = round_dir(&run_a, r);
-        assert!(d.join("checkpoint.safetensors").exists(), "round {r} checkpoint");
+        assert!(
+            d.join("checkpoint.safetensors").exists(),
+            "round {r} checkpoint"
+        );
         for split in ["features-train", "features-test"] {
             let part = d.join(split).join("part-00000-of-00001.parquet");
             TableFile::open(&part, &features::contract(&layout)).unwrap();
@@ -86,20 +102,31 @@ fn two_rounds_are_complete_deterministic_and_resumable() {
     }
     let rows = metrics::read(&run_a.join("metrics.parquet")).unwrap();
     for r in 0..=2 {
-        assert!(rows.iter().any(|m| m.round == r && m.metric == "nmi"), "round {r} has nmi");
+        assert!(
+            rows.iter().any(|m| m.round == r && m.metric == "nmi"),
+            "round {r} has nmi"
+        );
     }
     assert!(run_a.join("report.html").exists());
     TableFile::open(dir.path().join("train.parquet"), &dataset::contract()).unwrap();
 
     // A second run from scratch gives the same labels, checkpoints, losses and metrics.
-    check(&make("rounds", &pipeline, &run_b, &["N=2"]), "make rounds N=2 (run b)");
+    check(
+        &make("rounds", &pipeline, &run_b, &["N=2"]),
+        "make rounds N=2 (run b)",
+    );
     let a = outcome(&run_a);
     assert_eq!(a, outcome(&run_b), "two runs with one seed differ");
 
     // An interruption in round 2 after its labels were solved: the stages after assign have
     // not run. Rerunning redoes exactly those, with the same result.
     let r2 = round_dir(&run_b, 2);
-    for lost in ["checkpoint.safetensors", "train_log.parquet", "cluster_stats.parquet", "eval.json"] {
+    for lost in [
+        "checkpoint.safetensors",
+        "train_log.parquet",
+        "cluster_stats.parquet",
+        "eval.json",
+    ] {
         std::fs::remove_file(r2.join(lost)).unwrap();
     }
     for lost in ["features-train", "features-test"] {
@@ -108,9 +135,22 @@ fn two_rounds_are_complete_deterministic_and_resumable() {
     let modified = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
     let labels_before = modified(&r2.join("labels.parquet"));
     let round1_before = modified(&round_dir(&run_b, 1).join("checkpoint.safetensors"));
-    check(&make("round", &pipeline, &run_b, &[]), "make round after an interruption");
+    check(
+        &make("round", &pipeline, &run_b, &[]),
+        "make round after an interruption",
+    );
     assert_eq!(a, outcome(&run_b), "the resumed run differs");
-    assert_eq!(labels_before, modified(&r2.join("labels.parquet")), "assign was redone");
-    assert_eq!(round1_before, modified(&round_dir(&run_b, 1).join("checkpoint.safetensors")));
-    assert!(!round_dir(&run_b, 3).exists(), "a new round started instead of finishing round 2");
+    assert_eq!(
+        labels_before,
+        modified(&r2.join("labels.parquet")),
+        "assign was redone"
+    );
+    assert_eq!(
+        round1_before,
+        modified(&round_dir(&run_b, 1).join("checkpoint.safetensors"))
+    );
+    assert!(
+        !round_dir(&run_b, 3).exists(),
+        "a new round started instead of finishing round 2"
+    );
 }

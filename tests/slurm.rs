@@ -11,7 +11,11 @@ use common::{check, make, repo, tiny_pipeline};
 use sela_io::{labels, metrics};
 
 fn submit(pipeline: &Path, round: u32, run: &Path, state: &Path) {
-    let path = format!("{}:{}", repo().join("tests/fake-slurm").display(), std::env::var("PATH").unwrap());
+    let path = format!(
+        "{}:{}",
+        repo().join("tests/fake-slurm").display(),
+        std::env::var("PATH").unwrap()
+    );
     let out = Command::new("bash")
         .arg(repo().join("pipelines/slurm/submit-round.sh"))
         .arg(pipeline)
@@ -44,11 +48,17 @@ fn slurm_recipe_with_shards_matches_make() {
     submit(&pipeline, 0, &via_slurm, &state);
     submit(&pipeline, 1, &via_slurm, &state);
 
-    let parts = std::fs::read_dir(via_slurm.join("round-001/features-train")).unwrap().count();
+    let parts = std::fs::read_dir(via_slurm.join("round-001/features-train"))
+        .unwrap()
+        .count();
     assert_eq!(parts, 3, "three extraction shards");
     assert_eq!(
-        labels::read(&via_make.join("round-001/labels.parquet")).unwrap().heads,
-        labels::read(&via_slurm.join("round-001/labels.parquet")).unwrap().heads
+        labels::read(&via_make.join("round-001/labels.parquet"))
+            .unwrap()
+            .heads,
+        labels::read(&via_slurm.join("round-001/labels.parquet"))
+            .unwrap()
+            .heads
     );
     assert_eq!(
         std::fs::read(via_make.join("round-001/checkpoint.safetensors")).unwrap(),

@@ -11,11 +11,10 @@ use sha2::{Digest, Sha256};
 /// An error loading a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{}: invalid pipeline config: {message}", path.display())]
     Parse { path: PathBuf, message: String },
@@ -246,6 +245,11 @@ pub struct EvalSection {
     pub probe_l2: f64,
     /// Images per cluster in the report's galleries.
     pub gallery_size: usize,
+    /// Reference values the report draws beside a metric, e.g. `{ knn20_acc = 0.842 }`: what a
+    /// method on raw pixels reaches on this data (see `floor_label`).
+    pub floors: std::collections::BTreeMap<String, f64>,
+    /// What the `floors` are.
+    pub floor_label: String,
 }
 
 impl Default for EvalSection {
@@ -256,6 +260,8 @@ impl Default for EvalSection {
             probe_epochs: 100,
             probe_l2: 1e-4,
             gallery_size: 8,
+            floors: std::collections::BTreeMap::new(),
+            floor_label: "pixel-space floor".to_string(),
         }
     }
 }
@@ -270,7 +276,7 @@ impl PipelineConfig {
     pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         let mut value: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
@@ -366,6 +372,9 @@ impl PipelineConfig {
                 "augment.crop_scale must satisfy 0 < min ≤ max ≤ 1, got {:?}",
                 g.crop_scale
             ));
+        }
+        if let Some((k, v)) = self.eval.floors.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(format!("eval.floors.{k} must be a finite number, got {v}"));
         }
         if self.eval.knn_k.contains(&0) {
             return Err("eval.knn_k values must be positive".to_string());

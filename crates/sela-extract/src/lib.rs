@@ -85,7 +85,7 @@ pub struct ExtractSummary {
     pub images_per_sec: f64,
 }
 
-/// Where the features of `shard` go for an `--output` of `output`.
+/// Where the features of `shard` go for an `--output` of `output` (nothing is created yet).
 pub fn part_path(output: &Path, shard: Shard) -> Result<PathBuf> {
     if output.extension().is_some_and(|e| e == "parquet") {
         if shard.count != 1 {
@@ -97,8 +97,6 @@ pub fn part_path(output: &Path, shard: Shard) -> Result<PathBuf> {
         }
         return Ok(output.to_path_buf());
     }
-    std::fs::create_dir_all(output)
-        .with_context(|| format!("{}: cannot create the output directory", output.display()))?;
     Ok(output.join(shard.file_name()))
 }
 
@@ -247,6 +245,11 @@ fn extract(
         .config_hash(Some(config.hash()))
         .input(dataset)
         .input(weights);
+    // Only now that the inputs have been checked: a bad input leaves no new directory behind.
+    if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create the output directory", dir.display()))?;
+    }
     let mut writer = FeaturesWriter::create(target, &info, opts.shard, provenance)?;
     let expected = dataset_rows.div_ceil(opts.shard.count as u64);
     let mut progress = sela_cli::Progress::new("extract", Some(expected), "images", opts.quiet);

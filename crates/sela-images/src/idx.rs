@@ -7,11 +7,10 @@ use std::path::{Path, PathBuf};
 /// An error reading an IDX file.
 #[derive(Debug, thiserror::Error)]
 pub enum IdxError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{}: not an IDX {what} file: magic number {found:#010x}, expected {expected:#010x}", path.display())]
     Magic {
@@ -59,7 +58,7 @@ const LABELS_MAGIC: u32 = 0x0000_0801;
 fn read_error(path: &Path, source: std::io::Error) -> IdxError {
     IdxError::Read {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     }
 }
 

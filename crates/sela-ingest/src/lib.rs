@@ -69,6 +69,8 @@ pub struct IdxOptions {
     pub limit: Option<usize>,
     /// Class names, index = label.
     pub class_names: Vec<String>,
+    /// No progress display.
+    pub quiet: bool,
 }
 
 /// Ingests an IDX image file (and optionally its label file). Row `i` of the IDX file gets id `i`
@@ -130,6 +132,8 @@ pub fn ingest_idx(
         None => provenance,
     };
     let mut writer = DatasetWriter::create(output, &opts.class_names, provenance)?;
+    let mut progress =
+        sela_cli::Progress::new("ingest", Some(keep.len() as u64), "images", opts.quiet);
     let mut labelled = 0;
     for chunk in keep.chunks(4096) {
         let encoded: Vec<Vec<u8>> = chunk
@@ -149,7 +153,9 @@ pub fn ingest_idx(
             labelled += u64::from(label.is_some());
             writer.push(i as u64, png, Some(&format!("{source}#{i}")), label)?;
         }
+        progress.inc(chunk.len() as u64);
     }
+    progress.finish();
     let rows = writer.rows();
     let output = writer.finish()?;
     Ok(IngestSummary {
@@ -174,6 +180,7 @@ pub fn ingest_image_folder(
     root: &Path,
     output: &Path,
     resize: Option<Size>,
+    quiet: bool,
 ) -> Result<IngestSummary> {
     let mut classes: Vec<String> = Vec::new();
     for entry in std::fs::read_dir(root)
@@ -210,6 +217,7 @@ pub fn ingest_image_folder(
         );
     }
     let mut writer = DatasetWriter::create(output, &classes, Provenance::new(STAGE).input(root))?;
+    let mut progress = sela_cli::Progress::new("ingest", Some(files.len() as u64), "images", quiet);
     for (chunk_index, chunk) in files.chunks(1024).enumerate() {
         let encoded: Vec<Result<Vec<u8>>> = chunk
             .par_iter()
@@ -243,7 +251,9 @@ pub fn ingest_image_folder(
                 .into_owned();
             writer.push(id, &bytes?, Some(&rel), Some(*label))?;
         }
+        progress.inc(chunk.len() as u64);
     }
+    progress.finish();
     let rows = writer.rows();
     let output = writer.finish()?;
     Ok(IngestSummary {
@@ -263,6 +273,7 @@ pub fn ingest_hf_parquet(
     output: &Path,
     image_column: &str,
     label_column: &str,
+    quiet: bool,
 ) -> Result<IngestSummary> {
     let probe = TableFile::open(
         input,
@@ -292,6 +303,7 @@ pub fn ingest_hf_parquet(
     )?;
     let mut writer =
         DatasetWriter::create(output, &class_names, Provenance::new(STAGE).input(input))?;
+    let mut progress = sela_cli::Progress::new("ingest", Some(table.num_rows()), "images", quiet);
     let mut labelled = 0;
     let mut ids_seen = Vec::new();
     let mut row = 0u64;
@@ -342,7 +354,9 @@ pub fn ingest_hf_parquet(
             writer.push(id, batch.image_bytes(i), batch.image_path(i), label)?;
         }
         row += batch.len() as u64;
+        progress.inc(batch.len() as u64);
     }
+    progress.finish();
     if let Some(dup) = sela_io::parts::find_duplicate_id(&ids_seen) {
         bail!(
             "{}: column `id`: id {dup} occurs more than once",

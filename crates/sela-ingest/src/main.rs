@@ -94,18 +94,25 @@ fn main() -> std::process::ExitCode {
                 per_class: *per_class,
                 limit: *limit,
                 class_names: class_names.clone(),
+                quiet: args.output.quiet,
             },
         ),
         Format::ImageFolder {
             root,
             output,
             resize,
-        } => sela_ingest::ingest_image_folder(root, output, *resize),
+        } => sela_ingest::ingest_image_folder(root, output, *resize, args.output.quiet),
         Format::HfParquet {
             input,
             output,
             image_column,
             label_column,
-        } => sela_ingest::ingest_hf_parquet(input, output, image_column, label_column),
+        } => sela_ingest::ingest_hf_parquet(
+            input,
+            output,
+            image_column,
+            label_column,
+            args.output.quiet,
+        ),
     })
 }

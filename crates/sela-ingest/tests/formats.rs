@@ -163,7 +163,7 @@ fn image_folder_labels_follow_sorted_class_folders() {
     jpg.save(root.join("zebra/b.jpg")).unwrap();
 
     let out = dir.path().join("d.parquet");
-    let s = ingest_image_folder(&root, &out, None).unwrap();
+    let s = ingest_image_folder(&root, &out, None, true).unwrap();
     assert_eq!(s.classes, vec!["ant", "zebra"]);
     assert_eq!(s.rows, 4);
     let set = ImageSet::load(&out, 3, 5, 6).unwrap();
@@ -175,7 +175,7 @@ fn image_folder_labels_follow_sorted_class_folders() {
     assert_eq!(batch.image_path(1), Some("ant/2.png"));
 
     let resized = dir.path().join("r.parquet");
-    ingest_image_folder(&root, &resized, Some("4x3".parse::<Size>().unwrap())).unwrap();
+    ingest_image_folder(&root, &resized, Some("4x3".parse::<Size>().unwrap()), true).unwrap();
     assert_eq!(ImageSet::load(&resized, 1, 3, 4).unwrap().len(), 4);
 }
 
@@ -185,20 +185,23 @@ fn image_folder_bad_inputs_write_nothing() {
     let root = dir.path().join("root");
     std::fs::create_dir_all(root.join("c")).unwrap();
     let out = dir.path().join("d.parquet");
-    let msg = ingest_image_folder(&root, &out, None)
+    let msg = ingest_image_folder(&root, &out, None, true)
         .unwrap_err()
         .to_string();
     assert!(msg.contains("no .png"), "{msg}");
 
     write_png(&root.join("c/ok.png"), 4, 4, 1, 3);
     std::fs::write(root.join("c/broken.png"), b"\x89PNG\r\n\x1a\n garbage").unwrap();
-    let msg = format!("{:#}", ingest_image_folder(&root, &out, None).unwrap_err());
+    let msg = format!(
+        "{:#}",
+        ingest_image_folder(&root, &out, None, true).unwrap_err()
+    );
     assert!(
         msg.contains("broken.png") && msg.contains("not a decodable"),
         "{msg}"
     );
 
-    let msg = ingest_image_folder(&dir.path().join("absent"), &out, None)
+    let msg = ingest_image_folder(&dir.path().join("absent"), &out, None, true)
         .unwrap_err()
         .to_string();
     assert!(msg.contains("absent"), "{msg}");
@@ -259,7 +262,7 @@ fn hf_parquet_passes_through_with_ids_and_class_names() {
     let input = dir.path().join("hf.parquet");
     hf_parquet(&input, pngs.clone(), Some(vec![0, 1, 1, 0, 1]), true);
     let out = dir.path().join("d.parquet");
-    let s = ingest_hf_parquet(&input, &out, "image", "label").unwrap();
+    let s = ingest_hf_parquet(&input, &out, "image", "label", true).unwrap();
     assert_eq!(s.classes, vec!["cat", "dog"]);
     assert_eq!((s.rows, s.labelled), (5, 5));
     let set = ImageSet::load(&out, 1, 4, 4).unwrap();
@@ -269,7 +272,7 @@ fn hf_parquet_passes_through_with_ids_and_class_names() {
     // Without labels.
     let unlabelled = dir.path().join("u.parquet");
     hf_parquet(&unlabelled, pngs, None, false);
-    let s = ingest_hf_parquet(&unlabelled, &out, "image", "label").unwrap();
+    let s = ingest_hf_parquet(&unlabelled, &out, "image", "label", true).unwrap();
     assert_eq!((s.rows, s.labelled), (5, 0));
 }
 
@@ -285,7 +288,7 @@ fn hf_parquet_bad_inputs_write_nothing() {
         true,
     );
     let out = dir.path().join("d.parquet");
-    let msg = ingest_hf_parquet(&input, &out, "image", "label")
+    let msg = ingest_hf_parquet(&input, &out, "image", "label", true)
         .unwrap_err()
         .to_string();
     assert!(
@@ -293,13 +296,13 @@ fn hf_parquet_bad_inputs_write_nothing() {
         "{msg}"
     );
 
-    let msg = ingest_hf_parquet(&input, &out, "picture", "label")
+    let msg = ingest_hf_parquet(&input, &out, "picture", "label", true)
         .unwrap_err()
         .to_string();
     assert!(msg.contains("missing column `picture`"), "{msg}");
 
     hf_parquet(&input, vec![good], Some(vec![7]), true);
-    let msg = ingest_hf_parquet(&input, &out, "image", "label")
+    let msg = ingest_hf_parquet(&input, &out, "image", "label", true)
         .unwrap_err()
         .to_string();
     assert!(
@@ -309,7 +312,7 @@ fn hf_parquet_bad_inputs_write_nothing() {
 
     let not_parquet = dir.path().join("x.parquet");
     std::fs::write(&not_parquet, b"PAR1 this is not parquet").unwrap();
-    let msg = ingest_hf_parquet(&not_parquet, &out, "image", "label")
+    let msg = ingest_hf_parquet(&not_parquet, &out, "image", "label", true)
         .unwrap_err()
         .to_string();
     assert!(

@@ -36,6 +36,45 @@ pub fn is_temp_path(path: &Path) -> bool {
         .is_some_and(|n| n.starts_with('.') && n.contains(".tmp-"))
 }
 
+/// Removes the temporary files of `target` left by writers that were killed before they could
+/// clean up: those named for a process that no longer runs. Only where `/proc` tells which
+/// processes run (Linux); elsewhere they are left alone. (A writer on another machine sharing the
+/// directory looks dead from here; two processes must not write one target at once anyway.)
+/// [`AtomicFile::create`] does this for its target.
+pub fn remove_stale_temps(target: &Path) {
+    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let pid = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| pid != std::process::id() && !process_runs(pid)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Whether process `pid` runs; `true` where that cannot be told.
+fn process_runs(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        true
+    }
+}
+
 impl AtomicFile {
     /// Starts writing `target`. The parent directory must exist.
     pub fn create(target: impl AsRef<Path>) -> Result<Self> {
@@ -49,8 +88,14 @@ impl AtomicFile {
                 ),
             ));
         }
+        remove_stale_temps(&target);
         let temp = temp_path(&target);
-        let file = File::create(&temp).map_err(|e| IoError::os(&temp, e))?;
+        let file = File::create(&temp).map_err(|e| {
+            IoError::os(
+                &target,
+                std::io::Error::new(e.kind(), format!("cannot create the output: {e}")),
+            )
+        })?;
         Ok(AtomicFile {
             target,
             temp,
@@ -154,6 +199,23 @@ mod tests {
             f.file().write_all(b"v2 partial").unwrap();
         }
         assert_eq!(std::fs::read(&target).unwrap(), b"v1");
+    }
+
+    #[test]
+    fn temporaries_of_dead_writers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.bin");
+        // No process has this id (Linux pids stay below 2^22); pid 1 always runs.
+        let dead = dir.path().join(format!(".out.bin.tmp-{}", u32::MAX));
+        let alive = dir.path().join(".out.bin.tmp-1");
+        let other = dir.path().join(format!(".other.bin.tmp-{}", u32::MAX));
+        for p in [&dead, &alive, &other] {
+            std::fs::write(p, b"half").unwrap();
+        }
+        write_bytes(&target, b"whole").unwrap();
+        assert_eq!(!dead.exists(), cfg!(target_os = "linux"));
+        assert!(alive.exists() && other.exists());
+        assert_eq!(std::fs::read(&target).unwrap(), b"whole");
     }
 
     #[test]

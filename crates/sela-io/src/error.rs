@@ -1,4 +1,6 @@
-//! The one error type of the I/O layer. Every variant names the file it is about.
+//! The one error type of the I/O layer. Every variant names the file it is about, and its message
+//! carries the underlying cause itself (it is not also exposed as `source()`, so error chains
+//! print it once).
 
 use std::path::PathBuf;
 
@@ -6,25 +8,22 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
     /// The file could not be opened, created, renamed or read at the OS level.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Os {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is not a readable Parquet file (wrong magic, truncated footer, corrupt page).
-    #[error("{}: not a readable Parquet file: {source}", path.display())]
+    #[error("{}: not a readable Parquet file: {cause}", path.display())]
     Parquet {
         path: PathBuf,
-        #[source]
-        source: parquet::errors::ParquetError,
+        cause: parquet::errors::ParquetError,
     },
     /// An Arrow-level failure while decoding or casting a batch.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Arrow {
         path: PathBuf,
-        #[source]
-        source: arrow::error::ArrowError,
+        cause: arrow::error::ArrowError,
     },
     /// A required column is absent.
     #[error("{}: missing column `{column}` (expected {expected}); found columns: {found}", path.display())]
@@ -81,21 +80,21 @@ impl IoError {
     pub(crate) fn os(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         IoError::Os {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 
     pub(crate) fn parquet(path: impl Into<PathBuf>, source: parquet::errors::ParquetError) -> Self {
         IoError::Parquet {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 
     pub(crate) fn arrow(path: impl Into<PathBuf>, source: arrow::error::ArrowError) -> Self {
         IoError::Arrow {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 }

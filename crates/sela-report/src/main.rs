@@ -33,9 +33,9 @@ struct Args {
     /// metrics: acc, nmi, ari, purity, knn<k>_acc, linear_probe_acc).
     #[arg(long = "floor", value_name = "METRIC=VALUE", value_parser = parse_floor)]
     floors: Vec<(String, f64)>,
-    /// What the --floor values are.
-    #[arg(long, default_value = "pixel-space floor")]
-    floor_label: String,
+    /// What the floor values are [default: the config's eval.floor_label].
+    #[arg(long)]
+    floor_label: Option<String>,
     /// Most clusters given a gallery and a heat-map row (the largest are kept).
     #[arg(long, default_value_t = 60)]
     max_clusters: usize,
@@ -57,13 +57,19 @@ fn parse_floor(s: &str) -> Result<(String, f64), String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     sela_cli::run(|| {
+        let config = args.pipeline.load()?;
+        // The config's eval.floors, each overridden by a --floor of the same metric.
+        let mut floors = config.eval.floors.clone();
+        floors.extend(args.floors);
         let opts = sela_report::ReportOptions {
-            config: args.pipeline.load()?,
+            floor_label: args
+                .floor_label
+                .unwrap_or_else(|| config.eval.floor_label.clone()),
+            floors: floors.into_iter().collect(),
+            config,
             run_dir: args.run_dir,
             output: args.output,
             head: args.head,
-            floors: args.floors,
-            floor_label: args.floor_label,
             max_clusters: args.max_clusters,
         };
         sela_report::run(&opts)

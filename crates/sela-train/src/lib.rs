@@ -329,6 +329,8 @@ pub fn run(args: &Args) -> Result<Summary> {
         std::fs::remove_file(&resume_file)
             .with_context(|| format!("removing {}", resume_file.display()))?;
     }
+    // A run killed while writing a resume checkpoint leaves that write's temporary behind.
+    sela_io::atomic::remove_stale_temps(&resume_file);
     Ok(summary(
         args,
         round,
