@@ -147,13 +147,25 @@ data-mini: $(FMNIST_RAW)/train-images-idx3-ubyte.gz | build
 test-deps: data-raw
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-test: test-deps
+test: test-deps mpi-deps
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
+	$(MAKE) test-mpi
 
-lint:
+# The label step over MPI (sela-assign's `mpi` feature, off in the default build): OpenMPI, and
+# libclang for the MPI bindings, installed when missing; the tests run `mpirun --oversubscribe`.
+MPI_PACKAGES := libopenmpi-dev openmpi-bin clang libclang-dev
+.PHONY: mpi-deps test-mpi bench-mpi
+mpi-deps:
+	@dpkg -s $(MPI_PACKAGES) >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(MPI_PACKAGES) >/dev/null; }
+
+test-mpi: mpi-deps
+	$(CARGO) test -p sela-assign --features mpi
+
+lint: mpi-deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p sela-assign --all-targets --features mpi -- -D warnings
 
 # ---- benchmarks (release builds; each prints ratios against a baseline measured in the same run)
 
@@ -164,6 +176,10 @@ bench-sinkhorn:
 
 bench-train:
 	$(CARGO) bench -p sela-nn --bench train_speed
+
+# Seconds per iteration of the distributed solve under mpirun for R = 1, 2, and the all-reduce share.
+bench-mpi: mpi-deps
+	$(CARGO) bench -p sela-assign --features mpi --bench mpi_scaling
 
 bench-quality: data
 	$(MAKE) clean-run PIPELINE=pipelines/fashion-mnist.toml

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Submits one self-labeling round of a pipeline to Slurm, stages wired with --dependency=afterok:
 #
-#   assign (1 task) -> train (1 task) -> extract train+test (array jobs, one shard per task)
-#   -> eval (1 task) -> report (1 task)
+#   assign (1 task, or an MPI job) -> train (1 task)
+#   -> extract train+test (array jobs, one shard per task) -> eval (1 task) -> report (1 task)
 #
 # Round 0 (the seeded initial model) is: init -> extract arrays -> eval.
+#
+# SELA_MPI=1 runs the label step as an MPI job of SELA_MPI_RANKS tasks (default 4), one per node,
+# each `srun` task one rank of sela-assign (see assign.sbatch; build it with --features mpi).
+# AFTER=JOBID makes the round's first job wait for that job (afterok): pass the last job id a
+# previous call printed to queue round r+1 behind round r (its extraction arrays included).
 #
 # Usage: pipelines/slurm/submit-round.sh PIPELINE.toml ROUND [SHARDS]
 # Run from the repository root after `make build` (binaries in $SELA_BIN, default target/release). Outputs land in
@@ -31,11 +36,18 @@ submit() { # prints the job id
 }
 export PIPELINE=$pipeline ROUND=$round RUN_DIR=$run ROUND_DIR=$dir PREV_DIR=$prev
 
+after=()
+[ -n "${AFTER:-}" ] && after=(--dependency=afterok:"$AFTER")
 if [ "$round" -eq 0 ]; then
-    dep=$(submit --job-name=sela-init --wrap \
+    dep=$(submit --job-name=sela-init "${after[@]}" --wrap \
         "$SELA_BIN/sela-extract --config $pipeline --round 0 --init --checkpoint $dir/checkpoint.safetensors")
 else
-    dep=$(submit --job-name=sela-assign "$here/assign.sbatch")
+    mpi=()
+    if [ "${SELA_MPI:-0}" = 1 ]; then
+        ranks=${SELA_MPI_RANKS:-4}
+        mpi=(--nodes="$ranks" --ntasks="$ranks" --ntasks-per-node=1)
+    fi
+    dep=$(submit --job-name=sela-assign "${after[@]}" "${mpi[@]}" "$here/assign.sbatch")
     dep=$(submit --job-name=sela-train --dependency=afterok:"$dep" "$here/train.sbatch")
 fi
 

@@ -13,6 +13,9 @@
 //!
 //! Fewer rows than clusters (N < K) is an error: an equipartition would leave clusters empty.
 
+#[cfg(feature = "mpi")]
+pub mod mpi;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,7 +27,7 @@ use sela_io::features;
 use sela_io::labels::{self, AssignStats, HeadLabels, HeadStats};
 use sela_io::table::TableFile;
 use sela_io::{FileMeta, Provenance};
-use sela_sinkhorn::Sinkhorn;
+use sela_sinkhorn::{Assignment, Reduce, Sinkhorn, Solution};
 use serde::Serialize;
 
 /// Command-line flags of `sela-assign`.
@@ -310,146 +313,152 @@ fn warm_duals(
     Ok(Some(h.log_beta.iter().map(|x| x * scale).collect()))
 }
 
-/// Runs the stage.
-pub fn run(args: &Args) -> anyhow::Result<Summary> {
-    let settings = Settings::resolve(args)?;
-    let heads = head_columns(&args.logits, args.column.as_deref())?;
-    let warm = match &args.warm_start {
+/// The environment of an MPI launcher: `Some(processes)` when this process was started by
+/// `mpirun` (OpenMPI), `mpiexec` (MPICH) or `srun` with PMI/PMIx, with the number of processes
+/// when the launcher says it (0 when it does not).
+pub fn mpi_launch() -> Option<usize> {
+    let var = |name: &str| std::env::var(name).ok();
+    let size = |name: &str| var(name).and_then(|v| v.parse::<usize>().ok());
+    if let Some(n) = size("OMPI_COMM_WORLD_SIZE").or_else(|| size("PMI_SIZE")) {
+        return Some(n);
+    }
+    var("PMIX_RANK").map(|_| size("SLURM_STEP_NUM_TASKS").unwrap_or(0))
+}
+
+/// The warm-start statistics, if any, read once.
+pub(crate) fn read_warm(args: &Args) -> anyhow::Result<Option<(PathBuf, AssignStats)>> {
+    Ok(match &args.warm_start {
         Some(p) => Some((p.clone(), read_stats(p)?)),
         None => None,
-    };
-    let previous = match &args.previous {
-        Some(p) => Some((p.clone(), labels::read(p)?)),
-        None => None,
-    };
-    let quiet = args.out.quiet;
+    })
+}
 
-    let mut stats = AssignStats {
+/// The duals a head starts from: the warm-start file's, when it has the head.
+pub(crate) fn duals_for(
+    warm: &Option<(PathBuf, AssignStats)>,
+    head: u32,
+    k: usize,
+    lambda: f64,
+) -> anyhow::Result<Option<Vec<f64>>> {
+    match warm {
+        Some((p, s)) => warm_duals(p, s, head, k, lambda),
+        None => Ok(None),
+    }
+}
+
+/// Statistics of a run before any head is solved.
+pub(crate) fn empty_stats(settings: &Settings) -> AssignStats {
+    AssignStats {
         lambda: settings.lambda,
         tol: settings.tol,
         max_iters: settings.max_iters,
         prior: settings.prior_spec.clone(),
         exact_balance: settings.exact_balance,
         heads: Vec::new(),
-    };
-    let mut out: BTreeMap<u32, HeadLabels> = BTreeMap::new();
-    let mut rows = 0;
-    for (head, column) in &heads {
-        let (head, column) = (*head, column.as_str());
-        let start = Instant::now();
-        let matrix = features::read_matrix(&args.logits, column)?;
-        let (n, k) = (matrix.ids.len(), matrix.cols);
-        let ctx = || format!("{}: column `{column}`", args.logits.display());
-        let marginals = settings
-            .prior
-            .marginals(k)
-            .with_context(|| format!("{}: prior for K = {k}", ctx()))?;
-        let duals = match &warm {
-            Some((p, s)) => warm_duals(p, s, head, k, settings.lambda)?,
-            None => None,
-        };
-        let mut solver = Sinkhorn::new(matrix.values, k, settings.lambda, duals.as_deref())
-            .map_err(|e| anyhow!("{}: {e}", ctx()))?;
-        let mut progress = Progress::new(&format!("head {head}"), None, "iterations", quiet);
-        let solution = solver
-            .solve(&marginals, settings.tol, settings.max_iters, |step| {
-                progress.inc(1);
-                progress.message(format!(
-                    "error {:.2e} (tol {:.0e})",
-                    step.error, settings.tol
-                ));
-            })
-            .map_err(|e| anyhow!("{}: {e}", ctx()))?;
-        progress.finish();
-        if !solution.converged {
-            let msg = format!(
-                "head {head} (`{column}`) did not converge: marginal error {:.3e} after {} \
-                 iterations (tol {:e})",
-                solution.error, solution.iterations, settings.tol
-            );
-            if args.strict {
-                bail!("{msg}; nothing written (--strict)");
-            }
+    }
+}
+
+/// How [`solve_head`] reports: `ctx` prefixes solver errors; progress shows unless `quiet`;
+/// a head that does not converge is a warning when `warn`, or an error under `strict`.
+pub(crate) struct Reporting<'a> {
+    pub ctx: &'a str,
+    pub quiet: bool,
+    pub warn: bool,
+    pub strict: bool,
+}
+
+/// Solves one head from its current scaling.
+pub(crate) fn solve_head<C: Reduce>(
+    solver: &mut Sinkhorn<C>,
+    marginals: &[f64],
+    settings: &Settings,
+    (head, column): (u32, &str),
+    report: &Reporting<'_>,
+) -> anyhow::Result<Solution> {
+    let mut progress = Progress::new(&format!("head {head}"), None, "iterations", report.quiet);
+    let solution = solver
+        .solve(marginals, settings.tol, settings.max_iters, |step| {
+            progress.inc(1);
+            progress.message(format!(
+                "error {:.2e} (tol {:.0e})",
+                step.error, settings.tol
+            ));
+        })
+        .map_err(|e| anyhow!("{}: {e}", report.ctx))?;
+    progress.finish();
+    if !solution.converged {
+        let msg = format!(
+            "head {head} (`{column}`) did not converge: marginal error {:.3e} after {} \
+             iterations (tol {:e})",
+            solution.error, solution.iterations, settings.tol
+        );
+        if report.strict {
+            bail!("{msg}; nothing written (--strict)");
+        }
+        if report.warn {
             eprintln!("warning: {msg}; raise --max-iters or --tol");
         }
-        let mut assignment = solver.assign();
-        if settings.exact_balance {
-            solver.balance(&mut assignment, settings.seed);
-        }
-        let (churn_fraction, churn_nmi) = match &previous {
-            Some((path, prev)) => match prev.heads.get(&head) {
-                Some(p) => {
-                    let before = p.aligned_to(path, head, &matrix.ids)?;
-                    let changed = before
-                        .iter()
-                        .zip(&assignment.labels)
-                        .filter(|(a, b)| a != b)
-                        .count();
-                    (
-                        Some(changed as f64 / n as f64),
-                        Some(sela_metrics::nmi(&before, &assignment.labels)),
-                    )
-                }
-                None => (None, None),
-            },
-            None => (None, None),
-        };
-        let head_stats = HeadStats {
-            head,
-            column: column.to_string(),
-            n,
-            k,
-            iterations: solution.iterations,
-            converged: solution.converged,
-            row_error: assignment.row_error,
-            col_error: assignment.col_error,
-            objective: assignment.objective,
-            entropy: assignment.entropy,
-            min_cluster_size: assignment.sizes.iter().copied().min().unwrap_or(0),
-            max_cluster_size: assignment.sizes.iter().copied().max().unwrap_or(0),
-            path: solver.path().to_string(),
-            absorptions: solver.absorptions(),
-            warm_started: duals.is_some(),
-            seconds: start.elapsed().as_secs_f64(),
-            churn_fraction,
-            churn_nmi,
-            log_beta: solver.log_beta(),
-        };
-        drop(solver);
-        if !quiet {
-            eprintln!(
-                "head {head}: N = {n}, K = {k}: {} in {} iterations (error {:.2e}, {}{}), \
-                 cluster sizes {}..{}, {:.2} s",
-                if solution.converged {
-                    "converged"
-                } else {
-                    "NOT converged"
-                },
-                head_stats.iterations,
-                head_stats.col_error,
-                head_stats.path,
-                if head_stats.warm_started {
-                    ", warm start"
-                } else {
-                    ""
-                },
-                head_stats.min_cluster_size,
-                head_stats.max_cluster_size,
-                head_stats.seconds
-            );
-        }
-        rows = n;
-        stats.heads.push(head_stats);
-        out.insert(
-            head,
-            HeadLabels {
-                ids: matrix.ids,
-                labels: assignment.labels,
-                confidence: assignment.confidence,
-            },
-        );
     }
+    Ok(solution)
+}
 
+/// The statistics of one solved head (churn left for the caller).
+pub(crate) fn head_stats<C: Reduce>(
+    head: u32,
+    column: &str,
+    solver: &Sinkhorn<C>,
+    solution: &Solution,
+    assignment: &Assignment,
+    warm_started: bool,
+) -> HeadStats {
+    HeadStats {
+        head,
+        column: column.to_string(),
+        n: solver.n(),
+        k: solver.k(),
+        iterations: solution.iterations,
+        converged: solution.converged,
+        row_error: assignment.row_error,
+        col_error: assignment.col_error,
+        objective: assignment.objective,
+        entropy: assignment.entropy,
+        min_cluster_size: assignment.sizes.iter().copied().min().unwrap_or(0),
+        max_cluster_size: assignment.sizes.iter().copied().max().unwrap_or(0),
+        path: solver.path().to_string(),
+        absorptions: solver.absorptions(),
+        warm_started,
+        seconds: 0.0,
+        churn_fraction: None,
+        churn_nmi: None,
+        log_beta: solver.log_beta(),
+    }
+}
+
+/// The one-line report of a solved head on stderr.
+pub(crate) fn report_head(h: &HeadStats) {
+    eprintln!(
+        "head {}: N = {}, K = {}: {} in {} iterations (error {:.2e}, {}{}), cluster sizes {}..{}, \
+         {:.2} s",
+        h.head,
+        h.n,
+        h.k,
+        if h.converged {
+            "converged"
+        } else {
+            "NOT converged"
+        },
+        h.iterations,
+        h.col_error,
+        h.path,
+        if h.warm_started { ", warm start" } else { "" },
+        h.min_cluster_size,
+        h.max_cluster_size,
+        h.seconds
+    );
+}
+
+/// The labels file's metadata: provenance and the statistics.
+pub(crate) fn labels_meta(args: &Args, settings: &Settings, stats: &AssignStats) -> FileMeta {
     let mut provenance = Provenance::new("sela-assign")
         .round(settings.round)
         .config_hash(settings.config_hash.clone())
@@ -460,26 +469,43 @@ pub fn run(args: &Args) -> anyhow::Result<Summary> {
     if let Prior::File(p) = &settings.prior {
         provenance = provenance.input(p);
     }
-    let meta = FileMeta::new(labels::TABLE, labels::VERSION, provenance)
-        .with_json(labels::KEY_ASSIGN, &stats);
+    FileMeta::new(labels::TABLE, labels::VERSION, provenance).with_json(labels::KEY_ASSIGN, stats)
+}
+
+/// The directory `--output` lies in, and where the statistics go (`--stats`, or
+/// `assign-stats.json` in that directory).
+pub(crate) fn output_places(args: &Args) -> (PathBuf, PathBuf) {
     let dir = args
         .output
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
-    let stats_path = args
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let stats = args
         .stats
         .clone()
         .unwrap_or_else(|| dir.join("assign-stats.json"));
-    labels::write(&args.output, &out, &meta)?;
-    let mut json = serde_json::to_vec_pretty(&stats).expect("stats serialize");
-    json.push(b'\n');
-    sela_io::atomic::write_bytes(&stats_path, &json)?;
+    (dir, stats)
+}
 
-    Ok(Summary {
-        output: args.output.clone(),
-        stats: stats_path,
+/// Writes the statistics JSON atomically.
+pub(crate) fn write_stats(path: &Path, stats: &AssignStats) -> anyhow::Result<()> {
+    let mut json = serde_json::to_vec_pretty(stats).expect("stats serialize");
+    json.push(b'\n');
+    sela_io::atomic::write_bytes(path, &json)?;
+    Ok(())
+}
+
+/// The summary of a finished run.
+pub(crate) fn summary(
+    output: &Path,
+    stats_path: &Path,
+    rows: usize,
+    stats: &AssignStats,
+) -> Summary {
+    Summary {
+        output: output.to_path_buf(),
+        stats: stats_path.to_path_buf(),
         rows,
         heads: stats
             .heads
@@ -496,5 +522,96 @@ pub fn run(args: &Args) -> anyhow::Result<Summary> {
                 churn_fraction: h.churn_fraction,
             })
             .collect(),
-    })
+    }
+}
+
+/// Runs the stage in this process alone.
+pub fn run(args: &Args) -> anyhow::Result<Summary> {
+    if let Some(n) = mpi_launch().filter(|&n| n > 1) {
+        bail!(
+            "started as one of {n} MPI processes, but this sela-assign was built without MPI \
+             support: each copy would solve everything and write the same output; build it \
+             with `cargo build --release -p sela-assign --features mpi`, or run one copy"
+        );
+    }
+    let settings = Settings::resolve(args)?;
+    let heads = head_columns(&args.logits, args.column.as_deref())?;
+    let warm = read_warm(args)?;
+    let previous = match &args.previous {
+        Some(p) => Some((p.clone(), labels::read(p)?)),
+        None => None,
+    };
+    let quiet = args.out.quiet;
+
+    let mut stats = empty_stats(&settings);
+    let mut out: BTreeMap<u32, HeadLabels> = BTreeMap::new();
+    let mut rows = 0;
+    for (head, column) in &heads {
+        let (head, column) = (*head, column.as_str());
+        let start = Instant::now();
+        let matrix = features::read_matrix(&args.logits, column)?;
+        let (n, k) = (matrix.ids.len(), matrix.cols);
+        let ctx = || format!("{}: column `{column}`", args.logits.display());
+        let marginals = settings
+            .prior
+            .marginals(k)
+            .with_context(|| format!("{}: prior for K = {k}", ctx()))?;
+        let duals = duals_for(&warm, head, k, settings.lambda)?;
+        let mut solver = Sinkhorn::new(matrix.values, k, settings.lambda, duals.as_deref())
+            .map_err(|e| anyhow!("{}: {e}", ctx()))?;
+        let report = Reporting {
+            ctx: &ctx(),
+            quiet,
+            warn: true,
+            strict: args.strict,
+        };
+        let solution = solve_head(&mut solver, &marginals, &settings, (head, column), &report)?;
+        let mut assignment = solver.assign().map_err(|e| anyhow!("{}: {e}", ctx()))?;
+        if settings.exact_balance {
+            solver.balance(&mut assignment, settings.seed);
+        }
+        let mut head_stats = head_stats(
+            head,
+            column,
+            &solver,
+            &solution,
+            &assignment,
+            duals.is_some(),
+        );
+        if let Some((path, prev)) = &previous {
+            if let Some(p) = prev.heads.get(&head) {
+                let before = p.aligned_to(path, head, &matrix.ids)?;
+                let changed = before
+                    .iter()
+                    .zip(&assignment.labels)
+                    .filter(|(a, b)| a != b)
+                    .count();
+                head_stats.churn_fraction = Some(changed as f64 / n as f64);
+                head_stats.churn_nmi = Some(sela_metrics::nmi(&before, &assignment.labels));
+            }
+        }
+        head_stats.seconds = start.elapsed().as_secs_f64();
+        drop(solver);
+        if !quiet {
+            report_head(&head_stats);
+        }
+        rows = n;
+        stats.heads.push(head_stats);
+        out.insert(
+            head,
+            HeadLabels {
+                ids: matrix.ids,
+                labels: assignment.labels,
+                confidence: assignment.confidence,
+            },
+        );
+    }
+
+    let meta = labels_meta(args, &settings, &stats);
+    let (dir, stats_path) = output_places(args);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("{}: cannot create the output directory", dir.display()))?;
+    labels::write(&args.output, &out, &meta)?;
+    write_stats(&stats_path, &stats)?;
+    Ok(summary(&args.output, &stats_path, rows, &stats))
 }

@@ -178,7 +178,8 @@ fn an_analysts_column_is_solved_as_head_zero() {
     .unwrap();
     let read = labels::read(&out).unwrap();
     let rows = &read.heads[&0];
-    assert_eq!(rows.ids, (0..n as u64).rev().collect::<Vec<_>>());
+    // The file holds the ids in descending order; rows are solved and written in id order.
+    assert_eq!(rows.ids, (0..n as u64).collect::<Vec<_>>());
     let mut sizes = vec![0; k];
     for &l in &rows.labels {
         sizes[l as usize] += 1;
@@ -503,6 +504,35 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(summary["heads"][0]["converged"], false);
     assert!(!read_stats(&stats).heads[0].converged);
+}
+
+/// Started by an MPI launcher as one of several copies, a build without MPI refuses to run
+/// instead of letting every copy solve everything and write the same output.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn without_mpi_support_many_launched_copies_refuse_to_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let feats = dir.path().join("features.parquet");
+    features(&feats, 60, &[3], None);
+    let out = dir.path().join("labels.parquet");
+    let run = |size: &str| {
+        Command::new(env!("CARGO_BIN_EXE_sela-assign"))
+            .args(["--logits", p(&feats), "--output", p(&out), "-q"])
+            .env("OMPI_COMM_WORLD_SIZE", size)
+            .output()
+            .unwrap()
+    };
+    let o = run("4");
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("one of 4 MPI processes") && err.contains("--features mpi"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // One copy (`mpirun -np 1`) is an ordinary run.
+    assert!(run("1").status.success());
+    assert!(out.is_file());
 }
 
 #[test]

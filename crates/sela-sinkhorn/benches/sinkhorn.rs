@@ -98,7 +98,7 @@ fn run(z: Vec<f32>, k: usize, warm: Option<&[f64]>) -> (Run, Vec<f64>) {
         .expect("solves");
     let solve = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let a = s.assign();
+    let a = s.assign().unwrap();
     std::hint::black_box(&a.labels);
     let assign = t.elapsed().as_secs_f64();
     let run = Run {

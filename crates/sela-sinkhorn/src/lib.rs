@@ -9,9 +9,19 @@
 //! The kernel is stored in one f32 N×K matrix (the logits' own buffer, transformed in place).
 //! Each iteration is one fused, parallel sweep over it: for every row, its normaliser
 //! d_i = Σ_j K_ij·v_j and then its contribution K_ij/d_i to every column sum; the column
-//! scaling is then updated, v_j ← N·r_j / s_j. Rows are split into a number of chunks that
-//! depends only on N; each chunk's column sums are kept apart and added in chunk order, so
-//! results are bit-identical whatever the number of threads. Products are f32, sums f64.
+//! scaling is then updated, v_j ← N·r_j / s_j. Rows are split into chunks and blocks of 8
+//! chunks whose sizes depend only on N ([`chunk_rows`], [`block_rows`]); each chunk's column sums
+//! are f64, a block's chunk sums are added in chunk order, and the blocks' sums are added exactly
+//! (fixed-point integers, rounded to f64 once), so results are bit-identical whatever the number
+//! of threads, and whatever the number of processes the rows are split among. Products are
+//! f32, sums f64.
+//!
+//! # Distributed solves
+//!
+//! [`Sinkhorn::distributed`] solves with the rows split among processes, each holding a range of
+//! whole blocks ([`split_rows`]); the per-iteration column sums, the plan's measures and the
+//! balancing's counts go through a [`Reduce`] (an all-reduce; [`Local`] for one process). Every
+//! such combination is exact, so R processes reach the same bits as one.
 //!
 //! # Numerics
 //!
@@ -44,11 +54,16 @@
 //! gets label 0).
 
 mod balance;
+mod exact;
 mod math;
+mod reduce;
 
 use std::time::Instant;
 
 use rayon::prelude::*;
+
+use exact::ExactSums;
+pub use reduce::{block_rows, chunk_rows, split_rows, Local, Reduce, Rows};
 
 /// λ of the official ImageNet code.
 pub const DEFAULT_LAMBDA: f64 = 25.0;
@@ -61,8 +76,6 @@ pub const DEFAULT_MAX_ITERS: usize = 1000;
 const SPREAD: f64 = 16.0;
 /// After an absorption every column has an entry within e^VISIBLE of its row's largest.
 const VISIBLE: f64 = 32.0;
-/// Chunks of rows per sweep, at most (each keeps K partial column sums).
-const MAX_CHUNKS: usize = 64;
 
 /// An error of the solver. Each names what was wrong and where.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -94,6 +107,12 @@ pub enum SinkhornError {
     /// The warm-start duals are unusable.
     #[error("warm start: {0}")]
     WarmStart(String),
+    /// This process's rows do not fit the global rows of a distributed solve.
+    #[error("rows: {0}")]
+    Rows(String),
+    /// The final pass produced a value it cannot sum (a bug, never silently ignored).
+    #[error("measures of the plan: {0}")]
+    Measures(String),
     /// A sweep produced a non-finite value (a bug, never silently ignored).
     #[error("iteration {iteration}: {message}")]
     Numerical { iteration: usize, message: String },
@@ -128,7 +147,8 @@ pub struct Solution {
     pub seconds: f64,
 }
 
-/// Hard labels read from the plan, and measures of the plan.
+/// Hard labels read from the plan, and measures of the plan. In a distributed solve `labels`
+/// and `confidence` are this process's rows; every other field is over all rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Assignment {
     /// Label of each row.
@@ -184,9 +204,15 @@ fn normalised(r: &[f64], k: usize) -> Result<Vec<f64>> {
 
 /// A Sinkhorn problem: the kernel of one head's logits, stored in place, and its current
 /// scaling. See the crate documentation for the algorithm and numerics.
-pub struct Sinkhorn {
+///
+/// In a distributed solve (`C` other than [`Local`]) it holds this process's rows only; every
+/// process makes the same calls in the same order.
+pub struct Sinkhorn<C: Reduce = Local> {
     w: Vec<f32>,
+    /// Rows of all processes (N).
     n: usize,
+    /// This process's rows.
+    rows: Rows,
     k: usize,
     lambda: f64,
     chunk_rows: usize,
@@ -199,12 +225,16 @@ pub struct Sinkhorn {
     /// Target column sums of the last solve, in units where every row has mass 1.
     target: Vec<f64>,
     absorptions: usize,
+    /// Scratch of the sweeps: each chunk's column sums.
+    partials: Vec<f64>,
+    comm: C,
 }
 
-impl std::fmt::Debug for Sinkhorn {
+impl<C: Reduce> std::fmt::Debug for Sinkhorn<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sinkhorn")
             .field("n", &self.n)
+            .field("rows", &self.rows)
             .field("k", &self.k)
             .field("lambda", &self.lambda)
             .field("absorptions", &self.absorptions)
@@ -212,7 +242,7 @@ impl std::fmt::Debug for Sinkhorn {
     }
 }
 
-impl Sinkhorn {
+impl Sinkhorn<Local> {
     /// Builds the kernel of `logits` (row-major N×K, consumed and transformed in place) for
     /// exponent `lambda`, optionally warm-started from column duals `warm_log_beta` (a previous
     /// solve's [`Sinkhorn::log_beta`], any additive normalisation). Fails on N < K, on N = 0 or
@@ -223,83 +253,152 @@ impl Sinkhorn {
         lambda: f64,
         warm_log_beta: Option<&[f64]>,
     ) -> Result<Self> {
-        if k == 0 || logits.is_empty() {
-            return Err(SinkhornError::Empty {
-                n: logits.len().checked_div(k).unwrap_or(0),
-                k,
-            });
+        let total = logits.len().checked_div(k).unwrap_or(0);
+        Self::distributed(
+            logits,
+            k,
+            lambda,
+            warm_log_beta,
+            Rows { first: 0, total },
+            Local,
+        )
+    }
+}
+
+/// The first row with a non-finite logit, and its column.
+fn first_non_finite(logits: &[f32], k: usize) -> Option<(usize, usize)> {
+    let row = logits
+        .par_chunks(k)
+        .position_first(|r| r.iter().any(|x| !x.is_finite()))?;
+    let col = logits[row * k..(row + 1) * k]
+        .iter()
+        .position(|x| !x.is_finite())
+        .expect("found above");
+    Some((row, col))
+}
+
+impl<C: Reduce> Sinkhorn<C> {
+    /// [`Sinkhorn::new`] for rows split among processes: `logits` are this process's rows,
+    /// global rows `rows.first..` of `rows.total`, which must start at a multiple of
+    /// [`block_rows`]`(rows.total)` and end at one or at the last row ([`split_rows`] gives such
+    /// ranges; a process may hold no rows). `comm` combines the processes' partial results.
+    /// Errors name global rows; every process returns the same error.
+    pub fn distributed(
+        logits: Vec<f32>,
+        k: usize,
+        lambda: f64,
+        warm_log_beta: Option<&[f64]>,
+        rows: Rows,
+        comm: C,
+    ) -> Result<Self> {
+        let n = rows.total;
+        if k == 0 || n == 0 {
+            return Err(SinkhornError::Empty { n, k });
         }
-        if logits.len() % k != 0 {
-            return Err(SinkhornError::Shape {
+        let (cr, br) = (chunk_rows(n), block_rows(n));
+        let local = logits.len() / k;
+        // This process's own problems; the others learn of them below.
+        let mine = if logits.len() % k != 0 {
+            Some(SinkhornError::Shape {
                 len: logits.len(),
                 k,
-            });
-        }
-        let n = logits.len() / k;
-        if n < k {
-            return Err(SinkhornError::FewerRowsThanClusters { n, k });
-        }
-        if !(lambda.is_finite() && lambda > 0.0) {
-            return Err(SinkhornError::Lambda(lambda));
-        }
-        if let Some(row) = logits
-            .par_chunks(k)
-            .position_first(|r| r.iter().any(|x| !x.is_finite()))
+            })
+        } else if rows.first + local > n
+            || (local > 0 && rows.first % br != 0)
+            || (rows.first + local != n && local % br != 0)
         {
-            let col = logits[row * k..(row + 1) * k]
-                .iter()
-                .position(|x| !x.is_finite())
-                .expect("found above");
+            Some(SinkhornError::Rows(format!(
+                "rows {}..{} of {n} are not whole blocks of {br} rows",
+                rows.first,
+                rows.first + local
+            )))
+        } else {
+            None
+        };
+        // Problems of the shared inputs are the same on every process.
+        let shared = if n < k {
+            Some(SinkhornError::FewerRowsThanClusters { n, k })
+        } else if comm.ranks() > exact::MAX_PROCESSES {
+            Some(SinkhornError::Rows(format!(
+                "{} processes; at most {} can add their sums exactly",
+                comm.ranks(),
+                exact::MAX_PROCESSES
+            )))
+        } else if !(lambda.is_finite() && lambda > 0.0) {
+            Some(SinkhornError::Lambda(lambda))
+        } else {
+            warm_start(warm_log_beta, k).err()
+        };
+        if let Some(e) = shared {
+            return Err(mine.unwrap_or(e));
+        }
+        let bad = match &mine {
+            None => first_non_finite(&logits, k),
+            Some(_) => None,
+        };
+        // [any process's own problem, −(first global row with a non-finite logit)]
+        let mut probe = [
+            if mine.is_some() { 1.0 } else { 0.0 },
+            bad.map_or(f64::NEG_INFINITY, |(r, _)| -((rows.first + r) as f64)),
+        ];
+        comm.max_f64(&mut probe);
+        if probe[0] > 0.0 {
+            return Err(mine.unwrap_or_else(|| {
+                SinkhornError::Rows("another process's rows are unusable".to_string())
+            }));
+        }
+        if probe[1] > f64::NEG_INFINITY {
+            let row = (-probe[1]) as usize;
+            let mut found = [0i64; 2];
+            if let Some((r, col)) = bad.filter(|&(r, _)| rows.first + r == row) {
+                found = [col as i64, logits[r * k + col].to_bits() as i64];
+            }
+            comm.sum_i64(&mut found);
             return Err(SinkhornError::NonFinite {
                 row,
-                col,
-                value: logits[row * k + col],
+                col: found[0] as usize,
+                value: f32::from_bits(found[1] as u32),
             });
         }
-        let g0 = match warm_log_beta {
-            None => vec![0.0; k],
-            Some(g) => {
-                if g.len() != k {
-                    return Err(SinkhornError::WarmStart(format!(
-                        "{} column duals for K = {k} clusters",
-                        g.len()
-                    )));
-                }
-                if let Some(j) = g.iter().position(|x| !x.is_finite()) {
-                    return Err(SinkhornError::WarmStart(format!(
-                        "dual of cluster {j} is {}",
-                        g[j]
-                    )));
-                }
-                let top = g.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
-                g.iter().map(|x| x - top).collect()
-            }
-        };
-        let chunk_rows = chunk_rows(n);
+        let g0 = warm_start(warm_log_beta, k)?;
         let mut w = logits;
-        let mut row_log_p = vec![0.0; n];
-        let colmax = rows_pass(&mut w, &mut row_log_p, k, chunk_rows, |w, out| {
+        let mut row_log_p = vec![0.0; local];
+        let mut colmax = rows_pass(&mut w, &mut row_log_p, k, cr, |w, out| {
             math::build_rows(w, k, lambda, &g0, out)
         });
+        comm.max_f64(&mut colmax);
         let mut s = Sinkhorn {
             w,
             n,
+            rows,
             k,
             lambda,
-            chunk_rows,
+            chunk_rows: cr,
             absorbed: g0,
             v: vec![1.0; k],
             row_log_p,
             target: uniform_marginals(k).iter().map(|r| r * n as f64).collect(),
             absorptions: 0,
+            partials: vec![0.0; local.div_ceil(cr) * k],
+            comm,
         };
         s.ensure_visible(&colmax);
         Ok(s)
     }
 
-    /// Rows N.
+    /// Rows N (of all processes).
     pub fn n(&self) -> usize {
         self.n
+    }
+
+    /// Where this process's rows lie among all rows.
+    pub fn rows(&self) -> Rows {
+        self.rows
+    }
+
+    /// Rows held by this process (N when solving alone).
+    pub fn local_rows(&self) -> usize {
+        self.row_log_p.len()
     }
 
     /// Clusters K.
@@ -346,13 +445,22 @@ impl Sinkhorn {
             .map(|r| r * n)
             .collect();
         let start = Instant::now();
-        let mut partials = vec![0f64; self.chunks() * self.k];
         let mut iterations = 0;
         let mut error = f64::INFINITY;
         let mut converged = false;
         while iterations < max_iters {
-            let s = self.sweep(&mut partials);
+            let sums = self.sweep();
             iterations += 1;
+            if sums.bad() > 0 {
+                return Err(SinkhornError::Numerical {
+                    iteration: iterations,
+                    message: format!(
+                        "{} partial column sums are not finite or out of range",
+                        sums.bad()
+                    ),
+                });
+            }
+            let s = sums.values();
             error = col_error(&self.v, &s, &self.target);
             if let Some(j) = s.iter().position(|x| !(x.is_finite() && *x > 0.0)) {
                 return Err(SinkhornError::Numerical {
@@ -390,8 +498,9 @@ impl Sinkhorn {
     }
 
     /// Hard labels (each row's argmax of Q, lowest cluster on ties) and measures of the current
-    /// plan, in one parallel pass.
-    pub fn assign(&self) -> Assignment {
+    /// plan, in one parallel pass. Fails only if a measure's partial sums are not finite or out
+    /// of the exact accumulator's range (beyond λ times any f32 logit).
+    pub fn assign(&self) -> Result<Assignment> {
         let k = self.k;
         let ln_v: Vec<f32> = self.v.iter().map(|&x| x.ln()).collect();
         let g_over_lambda: Vec<f32> = self
@@ -406,45 +515,64 @@ impl Sinkhorn {
             g_over_lambda: &g_over_lambda,
             inv_lambda: (1.0 / self.lambda) as f32,
         };
-        let chunks = self.chunks();
-        let mut labels = vec![0u32; self.n];
-        let mut confidence = vec![0f32; self.n];
-        let mut colq = vec![0f64; chunks * k];
-        let mut totals = vec![math::AssignTotals::default(); chunks];
+        let local = self.local_rows();
+        let mut labels = vec![0u32; local];
+        let mut confidence = vec![0f32; local];
         let cr = self.chunk_rows;
+        // Per chunk: its column sums of Q, then its entropy and objective; added exactly.
+        let mut parts = vec![0f64; local.div_ceil(cr) * (k + 2)];
+        let mut row_errors = vec![0f64; local.div_ceil(cr)];
         self.w
             .par_chunks(cr * k)
             .zip(self.row_log_p.par_chunks(cr))
             .zip(labels.par_chunks_mut(cr))
             .zip(confidence.par_chunks_mut(cr))
-            .zip(colq.par_chunks_mut(k))
-            .zip(totals.par_iter_mut())
-            .for_each(|(((((w, lp), lab), conf), cq), t)| {
+            .zip(parts.par_chunks_mut(k + 2))
+            .zip(row_errors.par_iter_mut())
+            .for_each(|(((((w, lp), lab), conf), part), row_error)| {
                 let (mut q, mut lnw) = (vec![0f32; k], vec![0f32; k]);
-                *t = math::assign_rows(w, &ctx, lp, lab, conf, cq, (&mut q, &mut lnw));
+                let (cq, rest) = part.split_at_mut(k);
+                let t = math::assign_rows(w, &ctx, lp, lab, conf, cq, (&mut q, &mut lnw));
+                rest.copy_from_slice(&[t.entropy, t.objective]);
+                *row_error = t.row_error;
             });
-        let colsum = ordered_sum(&colq, k);
-        let mut sizes = vec![0usize; k];
+        let mut sums = ExactSums::new(k + 2);
+        sums.add_columns(block_sums(&mut parts, k + 2));
+        let row_error = row_errors.iter().fold(0f64, |a, &b| a.max(b));
+        let mut sizes = vec![0i64; k];
         for &l in &labels {
             sizes[l as usize] += 1;
         }
+        let mut row_error = [row_error];
+        self.comm.sum_i64(sums.as_mut_slice());
+        sums.normalise();
+        self.comm.sum_i64(&mut sizes);
+        self.comm.max_f64(&mut row_error);
+        if sums.bad() > 0 {
+            return Err(SinkhornError::Measures(format!(
+                "{} partial sums of the plan's column sums, entropy or objective are not finite \
+                 or out of range",
+                sums.bad()
+            )));
+        }
+        let colsum = sums.values();
         let n = self.n as f64;
-        Assignment {
+        Ok(Assignment {
             labels,
             confidence,
-            row_error: totals.iter().fold(0.0, |a, t| a.max(t.row_error)),
-            col_error: colsum
+            row_error: row_error[0],
+            col_error: colsum[..k]
                 .iter()
                 .zip(&self.target)
                 .map(|(s, t)| ((s - t) / t).abs())
                 .fold(0.0, f64::max),
-            objective: totals.iter().map(|t| t.objective).sum::<f64>() / n,
-            entropy: totals.iter().map(|t| t.entropy).sum::<f64>() / n,
-            sizes,
-        }
+            objective: colsum[k + 1] / n,
+            entropy: colsum[k] / n,
+            sizes: sizes.iter().map(|&c| c as usize).collect(),
+        })
     }
 
-    /// Row `i` of the current plan, normalised to sum 1.
+    /// Row `i` of this process's rows of the current plan, normalised to sum 1.
     pub fn plan_row(&self, i: usize) -> Vec<f64> {
         let row = &self.w[i * self.k..(i + 1) * self.k];
         let d = math::dot_pos(row, &self.v);
@@ -474,7 +602,7 @@ impl Sinkhorn {
     }
 
     /// The chunk-wise reading of the stored matrix that a sweep's memory traffic is compared
-    /// against (one parallel read of every value, summed). For benchmarks.
+    /// against (one parallel read of this process's values, summed). For benchmarks.
     pub fn stream_read(&self) -> f64 {
         let parts: Vec<f64> = self
             .w
@@ -484,22 +612,23 @@ impl Sinkhorn {
         parts.iter().sum()
     }
 
-    fn chunks(&self) -> usize {
-        self.n.div_ceil(self.chunk_rows)
-    }
-
-    /// One sweep: the column sums Σ_i K_ij / d_i of the plan with rows scaled to mass 1.
-    fn sweep(&self, partials: &mut [f64]) -> Vec<f64> {
+    /// One sweep: the column sums Σ_i K_ij / d_i of the plan with rows scaled to mass 1, over
+    /// all processes' rows, exactly accumulated.
+    fn sweep(&mut self) -> ExactSums {
         let k = self.k;
         let v = &self.v;
         self.w
             .par_chunks(self.chunk_rows * k)
-            .zip(partials.par_chunks_mut(k))
+            .zip(self.partials.par_chunks_mut(k))
             .for_each(|(w, out)| {
                 let mut acc = vec![0f32; k];
                 math::sweep_rows(w, k, v, &mut acc, out);
             });
-        ordered_sum(partials, k)
+        let mut sums = ExactSums::new(k);
+        sums.add_columns(block_sums(&mut self.partials, k));
+        self.comm.sum_i64(sums.as_mut_slice());
+        sums.normalise();
+        sums
     }
 
     /// The column update v_j ← target_j / s_j, absorbed into the kernel when it spreads too far.
@@ -524,16 +653,17 @@ impl Sinkhorn {
     }
 
     /// Folds a column log-scaling into the stored kernel and resets v to 1. Returns each
-    /// column's largest log-relative entry.
+    /// column's largest log-relative entry over all processes' rows.
     fn absorb(&mut self, shift: &[f64]) -> Vec<f64> {
         let (k, lambda) = (self.k, self.lambda);
-        let colmax = rows_pass(
+        let mut colmax = rows_pass(
             &mut self.w,
             &mut self.row_log_p,
             k,
             self.chunk_rows,
             |w, out| math::absorb_rows(w, k, lambda, shift, out),
         );
+        self.comm.max_f64(&mut colmax);
         for (g, s) in self.absorbed.iter_mut().zip(shift) {
             *g += s;
         }
@@ -550,6 +680,27 @@ impl Sinkhorn {
             self.absorb(&lift);
         }
     }
+}
+
+/// Checks warm-start duals (K finite values) and shifts them so the largest is 0; zeros without.
+fn warm_start(g: Option<&[f64]>, k: usize) -> Result<Vec<f64>> {
+    let Some(g) = g else {
+        return Ok(vec![0.0; k]);
+    };
+    if g.len() != k {
+        return Err(SinkhornError::WarmStart(format!(
+            "{} column duals for K = {k} clusters",
+            g.len()
+        )));
+    }
+    if let Some(j) = g.iter().position(|x| !x.is_finite()) {
+        return Err(SinkhornError::WarmStart(format!(
+            "dual of cluster {j} is {}",
+            g[j]
+        )));
+    }
+    let top = g.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+    Ok(g.iter().map(|x| x - top).collect())
 }
 
 /// Runs `f` on every chunk of rows in parallel, each with its row offsets, a K-vector for its
@@ -588,15 +739,25 @@ fn rows_pass(
     out
 }
 
-/// Adds per-chunk K-vectors in chunk order.
-fn ordered_sum(partials: &[f64], k: usize) -> Vec<f64> {
-    let mut s = vec![0f64; k];
-    for p in partials.chunks(k) {
-        for (a, b) in s.iter_mut().zip(p) {
-            *a += b;
+/// Adds each block's chunk rows (`width` values per chunk, chunks in row order) in chunk order;
+/// returns the blocks' sums, one row per block, compacted at the front of `partials`.
+fn block_sums(partials: &mut [f64], width: usize) -> &[f64] {
+    let chunks = partials.len() / width;
+    let blocks = chunks.div_ceil(reduce::CHUNKS_PER_BLOCK);
+    for b in 0..blocks {
+        let first = b * reduce::CHUNKS_PER_BLOCK;
+        let end = (first + reduce::CHUNKS_PER_BLOCK).min(chunks);
+        let (head, rest) = partials.split_at_mut((first + 1) * width);
+        let sum = &mut head[first * width..];
+        for row in rest[..(end - first - 1) * width].chunks_exact(width) {
+            for (s, x) in sum.iter_mut().zip(row) {
+                *s += x;
+            }
         }
+        // Row b lies in an earlier block (or is this block's first row): already added up.
+        partials.copy_within(first * width..(first + 1) * width, b * width);
     }
-    s
+    &partials[..blocks * width]
 }
 
 /// max_j |v_j·s_j − t_j| / t_j.
@@ -606,10 +767,4 @@ fn col_error(v: &[f32], s: &[f64], target: &[f64]) -> f64 {
         .zip(target)
         .map(|((&v, &s), &t)| ((v as f64 * s - t) / t).abs())
         .fold(0.0, f64::max)
-}
-
-/// Rows per chunk: a multiple of the f32 sub-block, chosen from N alone.
-fn chunk_rows(n: usize) -> usize {
-    let per = n.div_ceil(MAX_CHUNKS);
-    per.div_ceil(math::SUB_ROWS).max(1) * math::SUB_ROWS
 }

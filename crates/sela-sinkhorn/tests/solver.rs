@@ -68,7 +68,7 @@ fn solve(
 ) -> (Sinkhorn, sela_sinkhorn::Solution, sela_sinkhorn::Assignment) {
     let mut s = Sinkhorn::new(z, k, lambda, None).unwrap();
     let sol = s.solve(r, tol, max_iters, |_| {}).unwrap();
-    let a = s.assign();
+    let a = s.assign().unwrap();
     (s, sol, a)
 }
 
@@ -480,7 +480,7 @@ fn non_convergence_is_reported() {
         let sol = s
             .solve(&uniform_marginals(6), 1e-6, 3, |st| steps.push(*st))
             .unwrap();
-        let a = s.assign();
+        let a = s.assign().unwrap();
         (s, sol, a)
     };
     assert!(!sol.converged);
@@ -537,7 +537,7 @@ fn identical_across_thread_counts() {
             let sol = s
                 .solve(&power_marginals(k, 0.2).unwrap(), 1e-4, 10_000, |_| {})
                 .unwrap();
-            let mut a = s.assign();
+            let mut a = s.assign().unwrap();
             let lb = s.log_beta();
             s.balance(&mut a, 5);
             (sol.iterations, sol.error.to_bits(), a, lb)

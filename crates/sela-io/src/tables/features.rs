@@ -337,7 +337,7 @@ pub fn read_matrix(spec: &Path, column: &str) -> Result<Matrix> {
 /// Puts the rows in ascending id order, in place (one row of scratch), so that whatever order
 /// the files and shards held them in, consumers see one canonical order: computations over the
 /// rows (the Sinkhorn stage's sums, say) then do not depend on how extraction was sharded.
-fn sort_rows_by_id(ids: &mut [u64], values: &mut [f32], cols: usize) {
+pub fn sort_rows_by_id(ids: &mut [u64], values: &mut [f32], cols: usize) {
     if ids.windows(2).all(|w| w[0] < w[1]) {
         return;
     }
