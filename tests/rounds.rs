@@ -108,6 +108,27 @@ fn two_rounds_are_complete_deterministic_and_resumable() {
         );
     }
     assert!(run_a.join("report.html").exists());
+
+    // `make table` prints one line per round, in order, with the best K = 10 head's metrics.
+    let table = make("table", &pipeline, &run_a, &[]);
+    check(&table, "make table");
+    let text = String::from_utf8_lossy(&table.stdout);
+    let rounds: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("round head"))
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(rounds, ["0", "1", "2"], "{text}");
+    let acc = rows
+        .iter()
+        .find(|m| m.round == 2 && m.split == "test" && m.head == Some(0) && m.metric == "acc")
+        .unwrap()
+        .value;
+    assert!(
+        text.lines().last().unwrap().contains(&format!("{acc:.3}")),
+        "{text}"
+    );
     TableFile::open(dir.path().join("train.parquet"), &dataset::contract()).unwrap();
 
     // A second run from scratch gives the same labels, checkpoints, losses and metrics.

@@ -1,8 +1,9 @@
 //! Training speed of the default backbone: images/s of a full step (forward, backward, optimiser
 //! update) at batch 256 for candle's autograd graph with candle's convolution, the same graph with
 //! the gemm convolution op, and sela-nn's fused engine; the share of time the engine's step waits
-//! on the augmenting loader; the time of a 60,000-image epoch; and, when Python has torch, the
-//! same network in PyTorch on the same number of threads.
+//! on the augmenting loader; the time of a 60,000-image epoch; inference images/s (the forward
+//! `sela-extract` runs); and, when Python has torch, the same network in PyTorch on the same
+//! number of threads.
 //!
 //! `cargo bench -p sela-nn --bench train_speed`
 //!
@@ -173,6 +174,16 @@ fn main() {
             img_s: loaded,
         });
 
+        // Inference as `sela-extract` runs it: BatchNorm folded, no backward (best of 3).
+        let mut infer = 0.0f64;
+        for _ in 0..REPEATS {
+            let t = Instant::now();
+            for _ in 0..steps {
+                net.infer(&x, batch).expect("infer");
+            }
+            infer = infer.max((steps * batch) as f64 / t.elapsed().as_secs_f64());
+        }
+
         let torch = (!skip_torch)
             .then(|| torch_img_s(c, side, batch, threads, &widths, &blocks))
             .flatten();
@@ -195,6 +206,10 @@ fn main() {
             );
             println!("  engine / PyTorch: {:.2}×", engine / t);
         }
+        println!(
+            "  inference (sela-extract's forward, best of 3): {infer:.0} images/s; 70,000 images ≈ {:.0} s",
+            70_000.0 / infer
+        );
         println!(
             "  loader wait: {:.1}% of the loaded run; 60,000-image epoch ≈ {:.0} s",
             100.0 * waited / total,

@@ -9,9 +9,10 @@ pub mod html;
 mod page;
 pub mod plots;
 pub mod rundir;
+pub mod table;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use sela_config::PipelineConfig;
@@ -54,6 +55,34 @@ pub struct Summary {
     pub notes: Vec<String>,
 }
 
+/// The run's metrics file, or an error saying there is none yet.
+fn read_metrics(run_dir: &Path) -> Result<Vec<sela_io::metrics::MetricRow>> {
+    let metrics_path = run_dir.join("metrics.parquet");
+    if !metrics_path.is_file() {
+        bail!(
+            "{}: no metrics yet; run sela-eval for at least one round first",
+            metrics_path.display()
+        );
+    }
+    Ok(sela_io::metrics::read(&metrics_path)?)
+}
+
+/// The per-round text table ([`table::table`]) for the heads of the same K as head `head`.
+pub fn text_table(config: &PipelineConfig, run_dir: &Path, head: u32) -> Result<String> {
+    let Some(&k) = config.model.heads.get(head as usize) else {
+        bail!(
+            "--head {head}: the pipeline has {} heads (model.heads = {:?})",
+            config.model.heads.len(),
+            config.model.heads
+        );
+    };
+    Ok(table::table(
+        &read_metrics(run_dir)?,
+        &config.model.heads,
+        k,
+    ))
+}
+
 /// Reads the run, renders the page and writes it atomically.
 pub fn run(opts: &ReportOptions) -> Result<Summary> {
     let cfg = &opts.config;
@@ -65,14 +94,7 @@ pub fn run(opts: &ReportOptions) -> Result<Summary> {
             cfg.model.heads
         );
     };
-    let metrics_path = opts.run_dir.join("metrics.parquet");
-    if !metrics_path.is_file() {
-        bail!(
-            "{}: no metrics yet; run sela-eval for at least one round first",
-            metrics_path.display()
-        );
-    }
-    let metrics = sela_io::metrics::read(&metrics_path)?;
+    let metrics = read_metrics(&opts.run_dir)?;
     let rounds = round_dirs(&opts.run_dir)?;
     let stats = cluster_stats(&rounds)?;
     let losses = train_loss(&rounds)?;

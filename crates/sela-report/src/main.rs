@@ -24,8 +24,12 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     run_dir: PathBuf,
     /// The HTML file to write.
-    #[arg(long, value_name = "PATH")]
-    output: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "table")]
+    output: Option<PathBuf>,
+    /// Print a per-round text table instead (test split: ACC/NMI/ARI of the best head with the K
+    /// of `--head`, 20-NN and linear-probe accuracy, minutes since round 0's evaluation).
+    #[arg(long)]
+    table: bool,
     /// The head whose clusters the heat map and galleries show.
     #[arg(long, default_value_t = 0)]
     head: u32,
@@ -56,6 +60,22 @@ fn parse_floor(s: &str) -> Result<(String, f64), String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.table {
+        let table = args
+            .pipeline
+            .load()
+            .and_then(|config| sela_report::text_table(&config, &args.run_dir, args.head));
+        return match table {
+            Ok(table) => {
+                print!("{table}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(sela_cli::EXIT_RUNTIME_ERROR)
+            }
+        };
+    }
     sela_cli::run(|| {
         let config = args.pipeline.load()?;
         // The config's eval.floors, each overridden by a --floor of the same metric.
@@ -68,7 +88,7 @@ fn main() -> ExitCode {
             floors: floors.into_iter().collect(),
             config,
             run_dir: args.run_dir,
-            output: args.output,
+            output: args.output.expect("clap requires --output without --table"),
             head: args.head,
             max_clusters: args.max_clusters,
         };
