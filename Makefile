@@ -3,6 +3,7 @@
 #   make round              run the next round of $(PIPELINE) (default: the embedded data)
 #   make rounds N=5         run the next five rounds
 #   make report             rebuild the run's HTML report
+#   make table              print the run's headline metrics per round
 #   make clean-run          delete the run's outputs and start over
 #   make test               build and run every test (fetches what the tests need)
 #   make data               fetch Fashion-MNIST (Debian package) and ingest all 60k/10k images
