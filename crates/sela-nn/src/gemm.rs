@@ -44,41 +44,7 @@ pub(crate) fn matmul(
     a: Mat,
     b: Mat,
 ) {
-    assert!(dst.len() >= m * n, "gemm destination too small");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return;
-    }
-    // SAFETY: dst holds m×n row-major elements (checked above); the callers construct `a` and `b`
-    // from slices of at least the stated sizes.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.ptr,
-            a.cs,
-            a.rs,
-            b.ptr,
-            b.cs,
-            b.rs,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    matmul_strided(m, n, k, dst, (1, n as isize), accumulate, a, b)
 }
 
 /// Like [`matmul`], with `dst` stored column-major (`dst[j·m + i]`).
@@ -87,6 +53,21 @@ pub(crate) fn matmul_col_major(
     n: usize,
     k: usize,
     dst: &mut [f32],
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+) {
+    matmul_strided(m, n, k, dst, (m as isize, 1), accumulate, a, b)
+}
+
+/// The product into `dst` addressed by (column stride, row stride), shared by the layouts above.
+#[allow(clippy::too_many_arguments)]
+fn matmul_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    (dst_cs, dst_rs): (isize, isize),
     accumulate: bool,
     a: Mat,
     b: Mat,
@@ -101,15 +82,16 @@ pub(crate) fn matmul_col_major(
         }
         return;
     }
-    // SAFETY: as in `matmul`, with dst holding m×n column-major elements.
+    // SAFETY: dst holds m×n elements in the layout the strides describe (size checked above); the
+    // callers construct `a` and `b` from slices of at least the stated sizes.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            m as isize,
-            1,
+            dst_cs,
+            dst_rs,
             accumulate,
             a.ptr,
             a.cs,
