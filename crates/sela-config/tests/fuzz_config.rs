@@ -5,15 +5,9 @@
 //! Cases run from a fixed seed; `PROPTEST_RNG_SEED=<n>` and `PROPTEST_CASES=<n>` explore further.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::time::Duration;
 
 use proptest::prelude::*;
-use proptest::test_runner::RngSeed;
 use sela_config::{ConfigError, PipelineConfig};
-
-/// Longest one load may take (debug build, busy machine).
-const TIME_LIMIT: Duration = Duration::from_secs(20);
 
 /// A config setting every section.
 const VALID: &str = r#"# every section
@@ -138,43 +132,13 @@ const KEYS: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// Runs `f` on its own thread; fails on a panic and on no answer within [`TIME_LIMIT`].
+/// Runs `f` on its own thread; fails on a panic and on no answer within the time limit.
 fn guarded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    let handle = std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(TIME_LIMIT) {
-        Ok(out) => out,
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("{what}: no answer within {TIME_LIMIT:?}")
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            let payload = handle
-                .join()
-                .expect_err("the loader thread ended without answering");
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            panic!("{what} panicked: {msg}")
-        }
-    }
+    sela_fuzz::guarded(what, usize::MAX, f)
 }
 
 fn config(cases: u32) -> ProptestConfig {
-    let mut c = ProptestConfig {
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    };
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        c.cases = cases;
-    }
-    if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
-        c.rng_seed = RngSeed::Fixed(0x5e1a_c0f1);
-    }
-    c
+    sela_fuzz::config(cases, 0x5e1a_c0f1)
 }
 
 /// Every floating-point setting, by name.

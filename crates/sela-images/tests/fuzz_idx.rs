@@ -4,106 +4,28 @@
 //!
 //! Cases run from a fixed seed; `PROPTEST_RNG_SEED=<n>` and `PROPTEST_CASES=<n>` explore further.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::time::Duration;
 
 use proptest::prelude::*;
-use proptest::test_runner::RngSeed;
 use sela_images::idx::{encode_images, encode_labels, read_images, read_labels, IdxImages};
 
-/// Records the largest single allocation of each thread, so a case can check that a reader did
-/// not size a buffer from an unchecked header.
-struct Tracking;
-
-thread_local! {
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-}
-
-fn note(size: usize) {
-    let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
-}
-
-// SAFETY: every call is forwarded unchanged to the system allocator.
-unsafe impl GlobalAlloc for Tracking {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static ALLOC: Tracking = Tracking;
+static ALLOC: sela_fuzz::PeakAlloc = sela_fuzz::PeakAlloc;
 
-/// Longest a reader may take on one fuzzed input (debug build, busy machine).
-const TIME_LIMIT: Duration = Duration::from_secs(20);
 /// Largest allocation a reader may make for these (at most a few KiB) inputs.
 const ALLOC_LIMIT: usize = 1 << 20;
 
-/// Runs `f` on its own thread; fails on a panic, on no answer within [`TIME_LIMIT`] and on an
-/// allocation above `alloc_limit`.
 fn guarded<T: Send + 'static>(
     what: &str,
     alloc_limit: usize,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> T {
-    let (tx, rx) = mpsc::channel();
-    let handle = std::thread::spawn(move || {
-        LARGEST.with(|l| l.set(0));
-        let out = f();
-        let _ = tx.send((out, LARGEST.with(Cell::get)));
-    });
-    match rx.recv_timeout(TIME_LIMIT) {
-        Ok((out, largest)) => {
-            assert!(
-                largest <= alloc_limit,
-                "{what}: allocated {largest} bytes at once (limit {alloc_limit})"
-            );
-            out
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("{what}: no answer within {TIME_LIMIT:?}")
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            let payload = handle
-                .join()
-                .expect_err("the reader thread ended without answering");
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            panic!("{what} panicked: {msg}")
-        }
-    }
+    sela_fuzz::guarded(what, alloc_limit, f)
 }
 
 fn config(cases: u32) -> ProptestConfig {
-    let mut c = ProptestConfig {
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    };
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        c.cases = cases;
-    }
-    if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
-        c.rng_seed = RngSeed::Fixed(0x005e_1a1d);
-    }
-    c
+    sela_fuzz::config(cases, 0x005e_1a1d)
 }
 
 /// One edit of a file's bytes; positions wrap around the current length.

@@ -6,12 +6,9 @@
 //!
 //! Cases run from a fixed seed; `PROPTEST_RNG_SEED=<n>` and `PROPTEST_CASES=<n>` explore further.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
 
 use arrow::array::{
     ArrayRef, BinaryArray, Int64Array, RecordBatch, StringArray, StructArray, UInt64Array,
@@ -20,7 +17,6 @@ use parquet::file::metadata::{
     ColumnChunkMetaData, ParquetMetaDataReader, ParquetMetaDataWriter, RowGroupMetaData,
 };
 use proptest::prelude::*;
-use proptest::test_runner::RngSeed;
 use sela_io::contract::image_fields;
 use sela_io::dataset::{self, DatasetFile, DatasetWriter};
 use sela_io::features::{self, vector_array, FeaturesInfo, FeaturesLayout, FeaturesWriter};
@@ -32,91 +28,19 @@ use sela_io::table::TableWriter;
 use sela_io::train_log::{self, TrainLogRow};
 use sela_io::{cluster_stats, prior, FileMeta, IoError, Provenance};
 
-/// Records the largest single allocation of each thread, so a case can check that a reader did
-/// not size a buffer from an unchecked count in the file.
-struct Tracking;
-
-thread_local! {
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-}
-
-fn note(size: usize) {
-    let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
-}
-
-// SAFETY: every call is forwarded unchanged to the system allocator.
-unsafe impl GlobalAlloc for Tracking {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static ALLOC: Tracking = Tracking;
+static ALLOC: sela_fuzz::PeakAlloc = sela_fuzz::PeakAlloc;
 
-/// Longest a reader may take on one fuzzed input (debug build, busy machine).
-const TIME_LIMIT: Duration = Duration::from_secs(20);
 /// Largest single allocation a reader may make for these (a few KiB) files.
 const ALLOC_LIMIT: usize = 64 << 20;
 
-/// Runs `f` on its own thread; fails on a panic, on no answer within [`TIME_LIMIT`] and on an
-/// allocation above [`ALLOC_LIMIT`].
+/// Runs `f` on its own thread under [`sela_fuzz::guarded`]'s limits and [`ALLOC_LIMIT`].
 fn guarded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    let handle = std::thread::spawn(move || {
-        LARGEST.with(|l| l.set(0));
-        let out = f();
-        let _ = tx.send((out, LARGEST.with(Cell::get)));
-    });
-    match rx.recv_timeout(TIME_LIMIT) {
-        Ok((out, largest)) => {
-            assert!(
-                largest <= ALLOC_LIMIT,
-                "{what}: allocated {largest} bytes at once (limit {ALLOC_LIMIT})"
-            );
-            out
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("{what}: no answer within {TIME_LIMIT:?}")
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            let payload = handle
-                .join()
-                .expect_err("the reader thread ended without answering");
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            panic!("{what} panicked: {msg}")
-        }
-    }
+    sela_fuzz::guarded(what, ALLOC_LIMIT, f)
 }
 
 fn config(cases: u32) -> ProptestConfig {
-    let mut c = ProptestConfig {
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    };
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        c.cases = cases;
-    }
-    if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
-        c.rng_seed = RngSeed::Fixed(0x0005_e1a7_ab1e);
-    }
-    c
+    sela_fuzz::config(cases, 0x0005_e1a7_ab1e)
 }
 
 // ---------------------------------------------------------------------------------------------
