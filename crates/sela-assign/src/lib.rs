@@ -27,7 +27,7 @@ use sela_io::features;
 use sela_io::labels::{self, AssignStats, HeadLabels, HeadStats};
 use sela_io::table::TableFile;
 use sela_io::{FileMeta, Provenance};
-use sela_sinkhorn::{Assignment, Reduce, Sinkhorn, Solution};
+use sela_sinkhorn::{Acceleration, Assignment, Reduce, Sinkhorn, Solution};
 use serde::Serialize;
 
 /// Command-line flags of `sela-assign`.
@@ -76,6 +76,11 @@ pub struct Args {
     /// Warm-start each head from the column duals in a previous stats file.
     #[arg(long, value_name = "STATS")]
     pub warm_start: Option<PathBuf>,
+    /// Column updates between sweeps: `anderson` (Anderson acceleration over the last 5
+    /// updates), `anderson:<memory>`, or `none` (plain Sinkhorn-Knopp) [config
+    /// assign.acceleration, default anderson].
+    #[arg(long, value_name = "SPEC")]
+    pub acceleration: Option<Acceleration>,
     /// Round to exactly balanced hard labels (sizes ⌊N/K⌋ or ⌈N/K⌉), by confidence
     /// [or config assign.exact_balance].
     #[arg(long)]
@@ -202,6 +207,8 @@ pub struct Settings {
     pub prior_spec: String,
     /// The prior, parsed.
     pub prior: Prior,
+    /// Column updates between sweeps.
+    pub acceleration: Acceleration,
     /// Round to exactly balanced labels.
     pub exact_balance: bool,
     /// Tie order of --exact-balance.
@@ -225,7 +232,15 @@ impl Settings {
         if !(lambda.is_finite() && lambda > 0.0) {
             bail!("lambda must be a positive finite number, got {lambda}");
         }
+        let acceleration = match args.acceleration {
+            Some(a) => a,
+            None => d
+                .acceleration
+                .parse()
+                .map_err(|e| anyhow!("config assign.acceleration: {e}"))?,
+        };
         Ok(Settings {
+            acceleration,
             lambda,
             tol: args.tol.unwrap_or(d.tol),
             max_iters: args.max_iters.map_or(d.max_iters, |m| m as usize),
@@ -354,6 +369,7 @@ pub(crate) fn empty_stats(settings: &Settings) -> AssignStats {
         max_iters: settings.max_iters,
         prior: settings.prior_spec.clone(),
         exact_balance: settings.exact_balance,
+        acceleration: settings.acceleration.to_string(),
         heads: Vec::new(),
     }
 }
@@ -426,6 +442,7 @@ pub(crate) fn head_stats<C: Reduce>(
         max_cluster_size: assignment.sizes.iter().copied().max().unwrap_or(0),
         path: solver.path().to_string(),
         absorptions: solver.absorptions(),
+        rejected_steps: solution.rejected,
         warm_started,
         seconds: 0.0,
         churn_fraction: None,
@@ -558,7 +575,8 @@ pub fn run(args: &Args) -> anyhow::Result<Summary> {
             .with_context(|| format!("{}: prior for K = {k}", ctx()))?;
         let duals = duals_for(&warm, head, k, settings.lambda)?;
         let mut solver = Sinkhorn::new(matrix.values, k, settings.lambda, duals.as_deref())
-            .map_err(|e| anyhow!("{}: {e}", ctx()))?;
+            .map_err(|e| anyhow!("{}: {e}", ctx()))?
+            .with_acceleration(settings.acceleration);
         let report = Reporting {
             ctx: &ctx(),
             quiet,

@@ -650,7 +650,8 @@ pub fn run(args: &Args, world: &SimpleCommunicator) -> anyhow::Result<Summary> {
         // Errors of the solver are the same on every rank (it agrees on them itself).
         let mut solver =
             Sinkhorn::distributed(values, k, settings.lambda, duals.as_deref(), rows, &comm)
-                .map_err(|e| anyhow!("{ctx}: {e}"))?;
+                .map_err(|e| anyhow!("{ctx}: {e}"))?
+                .with_acceleration(settings.acceleration);
         let report = Reporting {
             ctx: &ctx,
             quiet,

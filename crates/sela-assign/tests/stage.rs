@@ -357,6 +357,17 @@ fn config_gives_defaults_and_flags_override() {
     run(&args(&with_flags)).unwrap();
     let s = read_stats(&dir.path().join("assign-stats.json"));
     assert_eq!((s.lambda, s.tol, s.prior.as_str()), (20.0, 1e-3, "uniform"));
+    assert_eq!(s.acceleration, "anderson:5");
+    let mut plain = with_flags.clone();
+    plain.extend(["--set", "assign.acceleration=none"]);
+    run(&args(&plain)).unwrap();
+    let s = read_stats(&dir.path().join("assign-stats.json"));
+    assert_eq!(s.acceleration, "none");
+    with_flags.extend(["--acceleration", "anderson:2"]);
+    run(&args(&with_flags)).unwrap();
+    let s = read_stats(&dir.path().join("assign-stats.json"));
+    assert_eq!(s.acceleration, "anderson:2");
+    assert!(s.heads[0].converged);
 }
 
 #[test]
@@ -465,6 +476,19 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
         let o = bin(&["--logits", p(&ok), "--output", p(&out), "--lambda", bad]);
         assert_eq!(o.status.code(), Some(2), "lambda {bad}");
         assert!(String::from_utf8_lossy(&o.stderr).contains("--lambda"));
+    }
+    for bad in ["fast", "anderson:0", "anderson:99"] {
+        let o = bin(&[
+            "--logits",
+            p(&ok),
+            "--output",
+            p(&out),
+            "--acceleration",
+            bad,
+        ]);
+        assert_eq!(o.status.code(), Some(2), "acceleration {bad}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--acceleration") && err.contains(bad), "{err}");
     }
 
     let o = bin(&[

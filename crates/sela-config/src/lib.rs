@@ -133,6 +133,9 @@ pub struct AssignSection {
     pub exact_balance: bool,
     /// Warm-start from the previous round's duals.
     pub warm_start: bool,
+    /// Column updates between sweeps: `anderson` (Anderson acceleration, memory 5),
+    /// `anderson:<memory>`, or `none` (plain Sinkhorn-Knopp).
+    pub acceleration: String,
 }
 
 impl Default for AssignSection {
@@ -144,6 +147,7 @@ impl Default for AssignSection {
             prior: "uniform".to_string(),
             exact_balance: false,
             warm_start: true,
+            acceleration: "anderson".to_string(),
         }
     }
 }

@@ -1,8 +1,10 @@
 //! Sinkhorn benchmark: solves clustered logits at several sizes and prints, per size, total
 //! seconds, iterations, seconds per iteration and the ratio of one iteration to one plain
 //! streaming read of the same matrix (the memory-bandwidth floor), cold and warm-started, with
-//! the float64 numpy implementation of the same scheme (`numpy_baseline.py`) on the same data.
-//! The peak resident memory of the whole run is printed at the end.
+//! plain updates and with Anderson acceleration, beside the float64 numpy implementation of
+//! the same schemes (`numpy_baseline.py`) on the same data. Two speed-ups are printed: over
+//! numpy with the same updates and start, and over numpy's plain cold solve (the reference the
+//! goals are stated against). The peak resident memory of the whole run is printed at the end.
 //!
 //! `cargo bench -p sela-sinkhorn --bench sinkhorn` runs 20k×100 and 200k×1,000;
 //! `-- --imagenet` adds 1,281,167×3,000 (about 16 GB; numpy is skipped there, it would need
@@ -12,12 +14,12 @@
 //! logits are 3.0 at its cluster plus noise of standard deviation 1. The warm-start case is the
 //! next round: the same rows with 5% fresh noise added, started from the first solve's duals.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
 use rayon::prelude::*;
-use sela_sinkhorn::{uniform_marginals, Sinkhorn};
+use sela_sinkhorn::{uniform_marginals, Acceleration, Sinkhorn};
 
 const LAMBDA: f64 = 25.0;
 const TOL: f64 = 1e-3;
@@ -80,9 +82,11 @@ struct Run {
 }
 
 /// Builds, solves and assigns; times the streaming read of the built matrix in between.
-fn run(z: Vec<f32>, k: usize, warm: Option<&[f64]>) -> (Run, Vec<f64>) {
+fn run(z: Vec<f32>, k: usize, warm: Option<&[f64]>, acceleration: Acceleration) -> (Run, Vec<f64>) {
     let start = Instant::now();
-    let mut s = Sinkhorn::new(z, k, LAMBDA, warm).expect("valid problem");
+    let mut s = Sinkhorn::new(z, k, LAMBDA, warm)
+        .expect("valid problem")
+        .with_acceleration(acceleration);
     let build = start.elapsed().as_secs_f64();
     let mut reads: Vec<f64> = (0..5)
         .map(|_| {
@@ -127,7 +131,13 @@ fn numpy_available() -> bool {
 }
 
 /// Runs the numpy baseline on `logits_file`: (seconds, iterations) cold and warm.
-fn numpy(logits_file: &Path, beta_file: &Path, n: usize, k: usize) -> Vec<(f64, usize)> {
+fn numpy(
+    logits_file: &Path,
+    beta_file: &Path,
+    n: usize,
+    k: usize,
+    acceleration: Acceleration,
+) -> Vec<(f64, usize)> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/numpy_baseline.py");
     let out = Command::new("python3")
         .arg(script)
@@ -138,6 +148,7 @@ fn numpy(logits_file: &Path, beta_file: &Path, n: usize, k: usize) -> Vec<(f64, 
         .args(["--max-iters", &MAX_ITERS.to_string()])
         .arg("--warm-log-beta")
         .arg(beta_file)
+        .args(["--acceleration", &acceleration.to_string()])
         .output()
         .expect("run python3");
     assert!(
@@ -191,8 +202,9 @@ fn main() {
         rayon::current_num_threads()
     );
     println!(
-        "{:>17} {:>5} {:>8} {:>7} {:>7} {:>6} {:>9} {:>9} {:>7} {:>6} | {:>8} {:>6} {:>8}",
+        "{:>17} {:>10} {:>5} {:>8} {:>7} {:>7} {:>6} {:>9} {:>9} {:>7} {:>6} | {:>8} {:>6} {:>7} {:>7}",
         "N×K",
+        "updates",
         "start",
         "total s",
         "build s",
@@ -204,58 +216,63 @@ fn main() {
         "absorb",
         "numpy s",
         "iters",
-        "speedup"
+        "×same",
+        "×plain"
     );
     let tmp = std::env::temp_dir().join(format!("sela-sinkhorn-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).expect("temp dir");
+    let methods = [Acceleration::None, Acceleration::default()];
     for (n, k) in sizes {
-        // Round 0 solved cold gives the duals; round 1 is solved cold and warm from them. Where
-        // numpy does not run (the ImageNet size), round 0's cold solve is the cold figure, which
-        // saves a third solve of a 15 GB matrix.
-        let (first, duals) = run(logits(n, k, 0), k, None);
+        // Round 0 solved gives the duals; round 1 is solved cold and warm from them.
+        let (_, duals) = run(logits(n, k, 0), k, None, Acceleration::default());
         let with_base = with_numpy && n * k <= 400_000_000;
-        let files: Option<(PathBuf, PathBuf)> = with_base.then(|| {
+        let base: Option<Vec<Vec<(f64, usize)>>> = with_base.then(|| {
             let lf = tmp.join("logits.f32");
             let bf = tmp.join("log_beta.f64");
             write_raw(&lf, logits(n, k, 1).iter().map(|x| x.to_le_bytes()));
             let data: Vec<u8> = duals.iter().flat_map(|x| x.to_le_bytes()).collect();
             std::fs::write(&bf, data).expect("write duals");
-            (lf, bf)
-        });
-        let cold = if with_base {
-            run(logits(n, k, 1), k, None).0
-        } else {
-            first
-        };
-        let (warm, _) = run(logits(n, k, 1), k, Some(&duals));
-        let base = files.map(|(lf, bf)| {
-            let r = numpy(&lf, &bf, n, k);
+            let r = methods.iter().map(|&m| numpy(&lf, &bf, n, k, m)).collect();
             let _ = std::fs::remove_file(lf);
             let _ = std::fs::remove_file(bf);
             r
         });
-        for (i, (name, r)) in [("cold", &cold), ("warm", &warm)].into_iter().enumerate() {
-            let np = match &base {
-                Some(b) => format!("{:>9.2} {:>6} {:>7.1}×", b[i].0, b[i].1, b[0].0 / r.total),
-                None => format!("{:>8} {:>6} {:>8}", "-", "-", "-"),
-            };
-            println!(
-                "{:>17} {:>5} {:>8.3} {:>7.3} {:>7.3} {:>6} {:>9.5} {:>9.5} {:>7.2} {:>6} | {np}{}",
-                format!("{n}×{k}"),
-                name,
-                r.total,
-                r.build,
-                r.finish,
-                r.iterations,
-                r.per_iter,
-                r.stream,
-                r.per_iter / r.stream,
-                r.absorptions,
-                if r.converged { "" } else { "  NOT CONVERGED" }
-            );
+        for (mi, &method) in methods.iter().enumerate() {
+            let cold = run(logits(n, k, 1), k, None, method).0;
+            let warm = run(logits(n, k, 1), k, Some(&duals), method).0;
+            for (i, (start, r)) in [("cold", &cold), ("warm", &warm)].into_iter().enumerate() {
+                let np = match &base {
+                    Some(b) => format!(
+                        "{:>8.2} {:>6} {:>6.1}× {:>6.1}×",
+                        b[mi][i].0,
+                        b[mi][i].1,
+                        b[mi][i].0 / r.total,
+                        b[0][0].0 / r.total
+                    ),
+                    None => format!("{:>8} {:>6} {:>7} {:>7}", "-", "-", "-", "-"),
+                };
+                println!(
+                    "{:>17} {:>10} {:>5} {:>8.3} {:>7.3} {:>7.3} {:>6} {:>9.5} {:>9.5} {:>7.2} {:>6} | {np}{}",
+                    format!("{n}×{k}"),
+                    method.to_string(),
+                    start,
+                    r.total,
+                    r.build,
+                    r.finish,
+                    r.iterations,
+                    r.per_iter,
+                    r.stream,
+                    r.per_iter / r.stream,
+                    r.absorptions,
+                    if r.converged { "" } else { "  NOT CONVERGED" }
+                );
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&tmp);
-    println!("speedup: numpy's cold seconds over ours (cold row) and over our warm-started solve (warm row)");
+    println!(
+        "×same: numpy's seconds with the same updates and start over ours; ×plain: numpy's plain \
+         cold seconds over ours"
+    );
     println!("peak resident memory: {:.2} GiB", peak_rss_gib());
 }

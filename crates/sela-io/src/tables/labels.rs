@@ -43,8 +43,16 @@ pub struct AssignStats {
     pub prior: String,
     /// Whether hard labels were rounded to exactly balanced sizes.
     pub exact_balance: bool,
+    /// Column updates between sweeps: `none` (plain Sinkhorn-Knopp) or `anderson:<memory>`.
+    /// Files written before this field existed used plain updates.
+    #[serde(default = "plain_updates")]
+    pub acceleration: String,
     /// One entry per solved head.
     pub heads: Vec<HeadStats>,
+}
+
+fn plain_updates() -> String {
+    "none".to_string()
 }
 
 /// Statistics of one head's solve.
@@ -80,6 +88,9 @@ pub struct HeadStats {
     /// Times the column scaling was absorbed into the kernel (0 on the `scaling` path).
     #[serde(default)]
     pub absorptions: usize,
+    /// Anderson steps rejected (replaced by the plain update) because they made the error grow.
+    #[serde(default)]
+    pub rejected_steps: usize,
     /// Whether the solve was warm-started.
     pub warm_started: bool,
     /// Wall time of the solve, seconds.
