@@ -350,6 +350,9 @@ impl PipelineConfig {
         if a.tol.is_nan() || a.tol <= 0.0 {
             return Err(format!("assign.tol must be positive, got {}", a.tol));
         }
+        if let Err(e) = a.acceleration.parse::<sela_sinkhorn::Acceleration>() {
+            return Err(format!("assign.acceleration: {e}"));
+        }
         let t = &self.train;
         if t.batch_size == 0 {
             return Err("train.batch_size must be positive".to_string());
@@ -535,6 +538,15 @@ heads = [10]
             .unwrap_err()
             .to_string();
         assert!(msg.contains("assign.lambda must be positive"), "{msg}");
+        let msg = PipelineConfig::load_with(&path, &["assign.acceleration=\"fast\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("assign.acceleration") && msg.contains("fast"),
+            "{msg}"
+        );
+        let ok = PipelineConfig::load_with(&path, &["assign.acceleration=\"anderson:3\"".into()]);
+        assert_eq!(ok.unwrap().assign.acceleration, "anderson:3");
         let msg = PipelineConfig::load_with(&path, &["lambda".into()])
             .unwrap_err()
             .to_string();
