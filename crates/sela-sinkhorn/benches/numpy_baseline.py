@@ -81,9 +81,9 @@ def main():
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--max-iters", type=int, default=1000)
     p.add_argument("--warm-log-beta", help="raw float64 column duals to warm-start a second solve")
-    p.add_argument("--acceleration", default="none", help="none or anderson:<memory>")
+    p.add_argument("--acceleration", default="none", help="none, anderson (memory 5) or anderson:<memory>")
     a = p.parse_args()
-    memory = None if a.acceleration == "none" else int(a.acceleration.split(":")[1])
+    memory = None if a.acceleration == "none" else int(a.acceleration.partition(":")[2] or 5)
     z = np.fromfile(a.logits, dtype="<f4").reshape(a.n, a.k).astype(np.float64)
     runs = [("cold", None)]
     if a.warm_log_beta:

@@ -70,7 +70,9 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use anderson::Anderson;
-pub use anderson::{Acceleration, DEFAULT_MEMORY as DEFAULT_ANDERSON_MEMORY, MAX_MEMORY};
+pub use anderson::{
+    Acceleration, DEFAULT_MEMORY as DEFAULT_ANDERSON_MEMORY, MAX_MEMORY as MAX_ANDERSON_MEMORY,
+};
 use exact::ExactSums;
 pub use reduce::{block_rows, chunk_rows, split_rows, Local, Reduce, Rows};
 

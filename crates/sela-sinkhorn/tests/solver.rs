@@ -58,6 +58,7 @@ fn clustered_logits(
     (z, truth)
 }
 
+/// Solves with the default (Anderson) updates; see [`solve_from`].
 fn solve(
     z: Vec<f32>,
     k: usize,
@@ -66,24 +67,31 @@ fn solve(
     tol: f64,
     max_iters: usize,
 ) -> (Sinkhorn, sela_sinkhorn::Solution, sela_sinkhorn::Assignment) {
-    solve_with(z, k, lambda, r, tol, max_iters, Acceleration::default())
+    solve_from(
+        Sinkhorn::new(z, k, lambda, None).unwrap(),
+        r,
+        tol,
+        max_iters,
+    )
 }
 
-fn solve_with(
-    z: Vec<f32>,
-    k: usize,
-    lambda: f64,
+/// Solves a built problem towards marginals `r` and reads its labels.
+fn solve_from(
+    mut s: Sinkhorn,
     r: &[f64],
     tol: f64,
     max_iters: usize,
-    acceleration: Acceleration,
 ) -> (Sinkhorn, sela_sinkhorn::Solution, sela_sinkhorn::Assignment) {
-    let mut s = Sinkhorn::new(z, k, lambda, None)
-        .unwrap()
-        .with_acceleration(acceleration);
     let sol = s.solve(r, tol, max_iters, |_| {}).unwrap();
     let a = s.assign().unwrap();
     (s, sol, a)
+}
+
+/// The problem of `z` with the given column updates.
+fn built(z: Vec<f32>, k: usize, lambda: f64, acceleration: Acceleration) -> Sinkhorn {
+    Sinkhorn::new(z, k, lambda, None)
+        .unwrap()
+        .with_acceleration(acceleration)
 }
 
 /// Row and column sums of the plan (rows normalised to 1), recomputed from `plan_row`.
@@ -263,7 +271,8 @@ fn agrees_with_a_plain_f64_reference() {
             (1e-7, anderson),
         ] {
             let (q_ref, it_ref) = reference(&z, k, lambda, &r, tol, 100_000);
-            let (s, sol, a) = solve_with(z.clone(), k, lambda, &r, tol, 100_000, acceleration);
+            let (s, sol, a) =
+                solve_from(built(z.clone(), k, lambda, acceleration), &r, tol, 100_000);
             if acceleration == anderson {
                 assert!(
                     sol.iterations < it_ref,
@@ -351,7 +360,12 @@ fn large_lambda_reaches_the_balanced_assignment_optimum() {
 
         let (_, sol, a) = solve(z.clone(), k, LAMBDA, &uniform_marginals(k), 1e-4, 200_000);
         let r = uniform_marginals(k);
-        let (_, plain, _) = solve_with(z.clone(), k, LAMBDA, &r, 1e-4, 200_000, Acceleration::None);
+        let (_, plain, _) = solve_from(
+            built(z.clone(), k, LAMBDA, Acceleration::None),
+            &r,
+            1e-4,
+            200_000,
+        );
         sweeps.0 += plain.iterations;
         sweeps.1 += sol.iterations;
         assert!(sol.converged, "seed {seed}: {sol:?}");
@@ -725,7 +739,12 @@ fn anderson_cuts_sweeps_and_meets_the_same_tolerance() {
     for (name, n, k, lambda, shares, peak, seed) in cases {
         let (z, _) = clustered_logits(n, k, peak, &shares, seed);
         let r = uniform_marginals(k);
-        let (_, plain, _) = solve_with(z.clone(), k, lambda, &r, 1e-3, 100_000, Acceleration::None);
+        let (_, plain, _) = solve_from(
+            built(z.clone(), k, lambda, Acceleration::None),
+            &r,
+            1e-3,
+            100_000,
+        );
         let (s, fast, _) = solve(z, k, lambda, &r, 1e-3, 100_000);
         assert!(plain.converged && fast.converged, "{name}");
         assert_marginals(&s, &r, 1e-3);
