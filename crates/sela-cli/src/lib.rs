@@ -76,12 +76,24 @@ pub struct OutputArgs {
 /// Runs a stage's body: prints its summary as one JSON line on stdout and returns exit status 0,
 /// or prints the error chain on stderr and returns 1.
 pub fn run<S: Serialize>(body: impl FnOnce() -> anyhow::Result<S>) -> ExitCode {
-    match body() {
-        Ok(summary) => {
-            println!(
-                "{}",
-                serde_json::to_string(&summary).expect("summaries serialize")
-            );
+    finish(body(), |summary| {
+        println!(
+            "{}",
+            serde_json::to_string(&summary).expect("summaries serialize")
+        )
+    })
+}
+
+/// [`run`] for a command whose output is text for people (a table): prints it as it is.
+pub fn run_text(body: impl FnOnce() -> anyhow::Result<String>) -> ExitCode {
+    finish(body(), |text| print!("{text}"))
+}
+
+/// Prints a body's output with `print` and returns 0, or its error chain on stderr and 1.
+fn finish<T>(result: anyhow::Result<T>, print: impl FnOnce(T)) -> ExitCode {
+    match result {
+        Ok(out) => {
+            print(out);
             ExitCode::SUCCESS
         }
         Err(e) => {

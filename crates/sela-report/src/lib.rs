@@ -69,13 +69,7 @@ fn read_metrics(run_dir: &Path) -> Result<Vec<sela_io::metrics::MetricRow>> {
 
 /// The per-round text table ([`table::table`]) for the heads of the same K as head `head`.
 pub fn text_table(config: &PipelineConfig, run_dir: &Path, head: u32) -> Result<String> {
-    let Some(&k) = config.model.heads.get(head as usize) else {
-        bail!(
-            "--head {head}: the pipeline has {} heads (model.heads = {:?})",
-            config.model.heads.len(),
-            config.model.heads
-        );
-    };
+    let k = head_size(config, head)?;
     Ok(table::table(
         &read_metrics(run_dir)?,
         &config.model.heads,
@@ -83,17 +77,22 @@ pub fn text_table(config: &PipelineConfig, run_dir: &Path, head: u32) -> Result<
     ))
 }
 
+/// K of head `head`, or an error naming the heads the pipeline has.
+fn head_size(config: &PipelineConfig, head: u32) -> Result<usize> {
+    match config.model.heads.get(head as usize) {
+        Some(&k) => Ok(k),
+        None => bail!(
+            "--head {head}: the pipeline has {} heads (model.heads = {:?})",
+            config.model.heads.len(),
+            config.model.heads
+        ),
+    }
+}
+
 /// Reads the run, renders the page and writes it atomically.
 pub fn run(opts: &ReportOptions) -> Result<Summary> {
     let cfg = &opts.config;
-    let Some(&k) = cfg.model.heads.get(opts.head as usize) else {
-        bail!(
-            "--head {}: the pipeline has {} heads (model.heads = {:?})",
-            opts.head,
-            cfg.model.heads.len(),
-            cfg.model.heads
-        );
-    };
+    let k = head_size(cfg, opts.head)?;
     let metrics = read_metrics(&opts.run_dir)?;
     let rounds = round_dirs(&opts.run_dir)?;
     let stats = cluster_stats(&rounds)?;

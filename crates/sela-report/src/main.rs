@@ -61,20 +61,10 @@ fn parse_floor(s: &str) -> Result<(String, f64), String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.table {
-        let table = args
-            .pipeline
-            .load()
-            .and_then(|config| sela_report::text_table(&config, &args.run_dir, args.head));
-        return match table {
-            Ok(table) => {
-                print!("{table}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(sela_cli::EXIT_RUNTIME_ERROR)
-            }
-        };
+        return sela_cli::run_text(|| {
+            let config = args.pipeline.load()?;
+            sela_report::text_table(&config, &args.run_dir, args.head)
+        });
     }
     sela_cli::run(|| {
         let config = args.pipeline.load()?;
