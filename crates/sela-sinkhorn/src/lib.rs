@@ -280,18 +280,6 @@ impl Sinkhorn<Local> {
     }
 }
 
-/// The first row with a non-finite logit, and its column.
-fn first_non_finite(logits: &[f32], k: usize) -> Option<(usize, usize)> {
-    let row = logits
-        .par_chunks(k)
-        .position_first(|r| r.iter().any(|x| !x.is_finite()))?;
-    let col = logits[row * k..(row + 1) * k]
-        .iter()
-        .position(|x| !x.is_finite())
-        .expect("found above");
-    Some((row, col))
-}
-
 impl<C: Reduce> Sinkhorn<C> {
     /// [`Sinkhorn::new`] for rows split among processes: `logits` are this process's rows,
     /// global rows `rows.first..` of `rows.total`, which must start at a multiple of
@@ -347,9 +335,16 @@ impl<C: Reduce> Sinkhorn<C> {
         if let Some(e) = shared {
             return Err(mine.unwrap_or(e));
         }
-        let bad = match &mine {
-            None => first_non_finite(&logits, k),
-            Some(_) => None,
+        // The kernel is built in place; the first row with a non-finite logit stops its chunk
+        // and is left as it was, so its value can be reported.
+        let g0 = warm_start(warm_log_beta, k)?;
+        let mut w = logits;
+        let mut row_log_p = vec![0.0; local];
+        let (mut colmax, bad) = match &mine {
+            None => rows_pass(&mut w, &mut row_log_p, k, cr, |w, out| {
+                math::build_rows(w, k, lambda, &g0, out)
+            }),
+            Some(_) => (vec![f64::NEG_INFINITY; k], None),
         };
         // [any process's own problem, −(first global row with a non-finite logit)]
         let mut probe = [
@@ -366,7 +361,7 @@ impl<C: Reduce> Sinkhorn<C> {
             let row = (-probe[1]) as usize;
             let mut found = [0i64; 2];
             if let Some((r, col)) = bad.filter(|&(r, _)| rows.first + r == row) {
-                found = [col as i64, logits[r * k + col].to_bits() as i64];
+                found = [col as i64, w[r * k + col].to_bits() as i64];
             }
             comm.sum_i64(&mut found);
             return Err(SinkhornError::NonFinite {
@@ -375,12 +370,6 @@ impl<C: Reduce> Sinkhorn<C> {
                 value: f32::from_bits(found[1] as u32),
             });
         }
-        let g0 = warm_start(warm_log_beta, k)?;
-        let mut w = logits;
-        let mut row_log_p = vec![0.0; local];
-        let mut colmax = rows_pass(&mut w, &mut row_log_p, k, cr, |w, out| {
-            math::build_rows(w, k, lambda, &g0, out)
-        });
         comm.max_f64(&mut colmax);
         let mut s = Sinkhorn {
             w,
@@ -703,12 +692,15 @@ impl<C: Reduce> Sinkhorn<C> {
     /// column's largest log-relative entry over all processes' rows.
     fn absorb(&mut self, shift: &[f64]) -> Vec<f64> {
         let (k, lambda) = (self.k, self.lambda);
-        let mut colmax = rows_pass(
+        let (mut colmax, _) = rows_pass(
             &mut self.w,
             &mut self.row_log_p,
             k,
             self.chunk_rows,
-            |w, out| math::absorb_rows(w, k, lambda, shift, out),
+            |w, out| {
+                math::absorb_rows(w, k, lambda, shift, out);
+                None
+            },
         );
         self.comm.max_f64(&mut colmax);
         for (g, s) in self.absorbed.iter_mut().zip(shift) {
@@ -751,31 +743,33 @@ fn warm_start(g: Option<&[f64]>, k: usize) -> Result<Vec<f64>> {
 }
 
 /// Runs `f` on every chunk of rows in parallel, each with its row offsets, a K-vector for its
-/// column maxima and a scratch row; returns the column maxima over all rows.
+/// column maxima and scratch; returns the column maxima over all rows, and the first
+/// (row, column) any chunk's `f` reported, the row counted from the first row of `w`.
 fn rows_pass(
     w: &mut [f32],
     row_log_p: &mut [f64],
     k: usize,
     chunk_rows: usize,
-    f: impl Fn(&mut [f32], math::RowInit<'_>) + Sync + Send,
-) -> Vec<f64> {
+    f: impl Fn(&mut [f32], math::RowInit<'_>) -> Option<(usize, usize)> + Sync + Send,
+) -> (Vec<f64>, Option<(usize, usize)>) {
     let chunks = w.len().div_ceil(chunk_rows * k);
     let mut colmax = vec![f32::NEG_INFINITY; chunks * k];
+    let mut found: Vec<Option<(usize, usize)>> = vec![None; chunks];
     w.par_chunks_mut(chunk_rows * k)
         .zip(row_log_p.par_chunks_mut(chunk_rows))
         .zip(colmax.par_chunks_mut(k))
-        .for_each(|((w, lp), cm)| {
+        .zip(found.par_iter_mut())
+        .enumerate()
+        .for_each(|(c, (((w, lp), cm), found))| {
             let mut rel = vec![0f64; k];
             let mut tmp = vec![0f32; k];
-            f(
-                w,
-                math::RowInit {
-                    row_log_p: lp,
-                    colmax: cm,
-                    rel: &mut rel,
-                    tmp: &mut tmp,
-                },
-            );
+            let out = math::RowInit {
+                row_log_p: lp,
+                colmax: cm,
+                rel: &mut rel,
+                tmp: &mut tmp,
+            };
+            *found = f(w, out).map(|(r, col)| (c * chunk_rows + r, col));
         });
     let mut out = vec![f64::NEG_INFINITY; k];
     for c in colmax.chunks(k) {
@@ -783,7 +777,7 @@ fn rows_pass(
             *o = o.max(x as f64);
         }
     }
-    out
+    (out, found.into_iter().flatten().next())
 }
 
 /// Adds each block's chunk rows (`width` values per chunk, chunks in row order) in chunk order;

@@ -3,8 +3,8 @@
 //!
 //! Every kernel is written with explicit lanes (fixed-size arrays, no fused multiply-add), so the
 //! compiler vectorises it without changing the order of any operation: results are bit-identical
-//! whichever instruction set runs them. [`multiversion!`] compiles each chunk kernel twice,
-//! generic and with AVX2, and picks one at run time.
+//! whichever instruction set runs them. [`multiversion!`] compiles each chunk kernel three
+//! times, generic, with AVX2 and with AVX-512, and picks one at run time.
 
 /// Lanes of the f32 accumulators (two AVX2 registers).
 pub(crate) const LANES: usize = 16;
@@ -36,20 +36,29 @@ pub(crate) fn prefetch(w: &[f32], i: usize) {
     let _ = (w, i);
 }
 
-/// Compiles `fn $name(args) -> ret` as a dispatcher over a generic and an AVX2 build of `$imp`.
+/// Compiles `fn $name(args) -> ret` as a dispatcher over a generic, an AVX2 and an AVX-512
+/// build of `$imp`, and picks the widest the CPU runs.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $imp:path) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $imp($($arg),*)
+                }
                 #[target_feature(enable = "avx2")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     $imp($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports AVX2 (checked on the line above), the only
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512F (checked on the line above), the only
                     // requirement of calling a function compiled for it.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2 (checked on the line above).
                     return unsafe { avx2($($arg),*) };
                 }
             }
@@ -475,6 +484,35 @@ fn store_encoded(row: &mut [f32], rel: &[f64], mx: f64, colmax: &mut [f32]) {
     }
 }
 
+/// The first index of `x` in `row` (0 if absent), by lanes that each keep the lowest index
+/// where they saw it, so it vectorises.
+#[inline(always)]
+fn first_index_of(row: &[f32], x: f32) -> u32 {
+    let mut first = [u32::MAX; LANES];
+    let c = row.chunks_exact(LANES);
+    let rest = c.remainder();
+    for (ci, a) in c.enumerate() {
+        let base = (ci * LANES) as u32;
+        for l in 0..LANES {
+            let at = if a[l] == x { base + l as u32 } else { u32::MAX };
+            first[l] = first[l].min(at);
+        }
+    }
+    let tail = row.len() - rest.len();
+    let mut best = first.iter().fold(u32::MAX, |m, &i| m.min(i));
+    if best == u32::MAX {
+        best = rest
+            .iter()
+            .position(|&a| a == x)
+            .map_or(u32::MAX, |p| (tail + p) as u32);
+    }
+    if best == u32::MAX {
+        0
+    } else {
+        best
+    }
+}
+
 /// Per-row bookkeeping the kernel keeps besides the matrix.
 pub(crate) struct RowInit<'a> {
     /// Per row: log P_ij = (rel_ij − g_j)/λ + row_log_p_i.
@@ -487,10 +525,29 @@ pub(crate) struct RowInit<'a> {
     pub tmp: &'a mut [f32],
 }
 
+/// Whether every value of `row` is finite (no early exit, so it vectorises).
+#[inline(always)]
+fn all_finite(row: &[f32]) -> bool {
+    const EXPONENT: u32 = 0x7f80_0000;
+    let mut bad = 0u32;
+    for x in row {
+        bad |= ((x.to_bits() & EXPONENT) == EXPONENT) as u32;
+    }
+    bad == 0
+}
+
 /// Turns a chunk of logit rows into stored kernel rows: rel_ij = λ(z_ij − max_j z_ij) + g_j,
 /// shifted so each row's largest is 0, then [`encode`]d. Also records log-softmax offsets.
+/// Stops at the first row holding a NaN or infinite logit, leaves it as it is and returns its
+/// index in the chunk and the column of its first such value.
 #[inline(always)]
-pub(crate) fn build_rows_impl(w: &mut [f32], k: usize, lambda: f64, g: &[f64], out: RowInit<'_>) {
+pub(crate) fn build_rows_impl(
+    w: &mut [f32],
+    k: usize,
+    lambda: f64,
+    g: &[f64],
+    out: RowInit<'_>,
+) -> Option<(usize, usize)> {
     let RowInit {
         row_log_p,
         colmax,
@@ -498,7 +555,11 @@ pub(crate) fn build_rows_impl(w: &mut [f32], k: usize, lambda: f64, g: &[f64], o
         tmp,
     } = out;
     colmax.fill(f32::NEG_INFINITY);
-    for (row, lp) in w.chunks_exact_mut(k).zip(row_log_p.iter_mut()) {
+    for (i, (row, lp)) in w.chunks_exact_mut(k).zip(row_log_p.iter_mut()).enumerate() {
+        if !all_finite(row) {
+            let col = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
+            return Some((i, col));
+        }
         let m = max_f32(row);
         let lse = m as f64 + sum_exp(row, m, tmp).ln();
         let mf = m as f64;
@@ -509,11 +570,17 @@ pub(crate) fn build_rows_impl(w: &mut [f32], k: usize, lambda: f64, g: &[f64], o
         store_encoded(row, rel, mx, colmax);
         *lp = mf + mx / lambda - lse;
     }
+    None
 }
 
 multiversion! {
-    pub(crate) fn build_rows(w: &mut [f32], k: usize, lambda: f64, g: &[f64], out: RowInit<'_>)
-        => build_rows_impl
+    pub(crate) fn build_rows(
+        w: &mut [f32],
+        k: usize,
+        lambda: f64,
+        g: &[f64],
+        out: RowInit<'_>,
+    ) -> Option<(usize, usize)> => build_rows_impl
 }
 
 /// Absorbs a column log-scaling into a chunk of stored rows: rel_ij += shift_j, each row
@@ -605,7 +672,7 @@ pub(crate) fn assign_rows_impl(
                 *l = ln_f32(if x > 0.0 { x } else { 1.0 });
             }
             let best_q = max_f32(q);
-            *label = q.iter().position(|&x| x == best_q).unwrap_or(0) as u32;
+            *label = first_index_of(q, best_q);
             *conf = best_q;
             let (mut sq0, mut sq1) = ([0f32; HALF], [0f32; HALF]);
             let (mut se0, mut se1) = ([0f32; HALF], [0f32; HALF]);
@@ -790,6 +857,172 @@ mod tests {
             let y = unsafe { axpy_then_dot_avx2(&mut b, 0.37, &cur, &next, &v, &[]) };
             assert_eq!(x.to_bits(), y.to_bits(), "K = {k}");
             assert_eq!(a, b, "K = {k}");
+        }
+    }
+
+    /// Rows of logits with ties, peaks and entries far below their row's largest.
+    fn test_logits(n: usize, k: usize) -> Vec<f32> {
+        (0..n * k)
+            .map(|i| match i % 11 {
+                0 => 3.0,
+                1 => -9.0,
+                _ => ((i * 37) % 101) as f32 / 29.0,
+            })
+            .collect()
+    }
+
+    /// One chunk's buffers of a build or absorb pass.
+    struct Pass {
+        lp: Vec<f64>,
+        cm: Vec<f32>,
+        rel: Vec<f64>,
+        tmp: Vec<f32>,
+    }
+
+    impl Pass {
+        fn new(lp: Vec<f64>, k: usize) -> Self {
+            Pass {
+                lp,
+                cm: vec![0.0; k],
+                rel: vec![0.0; k],
+                tmp: vec![0.0; k],
+            }
+        }
+
+        fn init(&mut self) -> RowInit<'_> {
+            RowInit {
+                row_log_p: &mut self.lp,
+                colmax: &mut self.cm,
+                rel: &mut self.rel,
+                tmp: &mut self.tmp,
+            }
+        }
+    }
+
+    fn bits(x: &[f32]) -> Vec<u32> {
+        x.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Every pass through its dispatcher (the widest instruction set this CPU has) gives the
+    /// same bits as the portable build of the same kernel.
+    #[test]
+    fn dispatched_kernels_match_the_portable_ones_bit_for_bit() {
+        let lambda = 25.0;
+        for (n, k) in [
+            (45usize, 1usize),
+            (45, 10),
+            (70, 17),
+            (33, 50),
+            (45, 256),
+            (40, 300),
+            (45, 1000),
+        ] {
+            let g: Vec<f64> = (0..k).map(|j| -((j % 7) as f64) * 0.9).collect();
+            let run_build = |dispatch: bool| {
+                let mut w = test_logits(n, k);
+                let mut pass = Pass::new(vec![0.0; n], k);
+                let bad = if dispatch {
+                    build_rows(&mut w, k, lambda, &g, pass.init())
+                } else {
+                    build_rows_impl(&mut w, k, lambda, &g, pass.init())
+                };
+                assert_eq!(bad, None);
+                (w, pass)
+            };
+            let (w, built) = run_build(true);
+            let (w0, built0) = run_build(false);
+            assert_eq!(bits(&w), bits(&w0), "build, K = {k}");
+            assert_eq!(built.lp, built0.lp, "build offsets, K = {k}");
+            assert_eq!(bits(&built.cm), bits(&built0.cm), "build maxima, K = {k}");
+
+            let shift: Vec<f64> = (0..k).map(|j| -((j % 5) as f64) * 4.5).collect();
+            let run_absorb = |dispatch: bool| {
+                let mut w = w.clone();
+                let mut pass = Pass::new(built.lp.clone(), k);
+                if dispatch {
+                    absorb_rows(&mut w, k, lambda, &shift, pass.init());
+                } else {
+                    absorb_rows_impl(&mut w, k, lambda, &shift, pass.init());
+                }
+                (w, pass)
+            };
+            let (aw, absorbed) = run_absorb(true);
+            let (aw0, absorbed0) = run_absorb(false);
+            assert_eq!(bits(&aw), bits(&aw0), "absorb, K = {k}");
+            assert_eq!(absorbed.lp, absorbed0.lp, "absorb offsets, K = {k}");
+            assert_eq!(
+                bits(&absorbed.cm),
+                bits(&absorbed0.cm),
+                "absorb maxima, K = {k}"
+            );
+
+            let v: Vec<f32> = (0..k).map(|j| 1.0 - (j % 13) as f32 * 0.05).collect();
+            let (mut acc, mut out, mut out0) = (vec![0f32; k], vec![0f64; k], vec![0f64; k]);
+            sweep_rows(&aw, k, &v, &mut acc, &mut out);
+            acc.fill(0.0);
+            sweep_rows_impl(&aw, k, &v, &mut acc, &mut out0);
+            assert_eq!(out, out0, "sweep, K = {k}");
+            assert_eq!(stream_sum(&aw), stream_sum_impl(&aw), "read, K = {k}");
+
+            let ln_v: Vec<f32> = v.iter().map(|&x| x.ln()).collect();
+            let gl: Vec<f32> = g.iter().map(|&x| (x / lambda) as f32).collect();
+            let ctx = AssignCtx {
+                k,
+                v: &v,
+                ln_v: &ln_v,
+                g_over_lambda: &gl,
+                inv_lambda: (1.0 / lambda) as f32,
+            };
+            let alp = &absorbed.lp;
+            let run_assign = |dispatch: bool| {
+                let (mut lab, mut conf, mut colq) = (vec![0u32; n], vec![0f32; n], vec![0f64; k]);
+                let (mut q, mut lnw) = (vec![0f32; k], vec![0f32; k]);
+                let scratch = (&mut q[..], &mut lnw[..]);
+                let t = if dispatch {
+                    assign_rows(&aw, &ctx, alp, &mut lab, &mut conf, &mut colq, scratch)
+                } else {
+                    assign_rows_impl(&aw, &ctx, alp, &mut lab, &mut conf, &mut colq, scratch)
+                };
+                (
+                    lab,
+                    bits(&conf),
+                    colq,
+                    [t.entropy, t.objective, t.row_error],
+                )
+            };
+            assert_eq!(run_assign(true), run_assign(false), "assign, K = {k}");
+        }
+    }
+
+    #[test]
+    fn the_build_stops_at_the_first_non_finite_row_and_leaves_it_alone() {
+        let (n, k) = (9, 12);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut w = test_logits(n, k);
+            w[5 * k + 7] = bad;
+            w[5 * k + 9] = f32::NAN;
+            w[7 * k + 2] = f32::NAN;
+            let before = w.clone();
+            let mut pass = Pass::new(vec![0.0; n], k);
+            let found = build_rows(&mut w, k, 25.0, &vec![0.0; k], pass.init());
+            assert_eq!(found, Some((5, 7)));
+            assert_eq!(bits(&w[5 * k..]), bits(&before[5 * k..]), "{bad}");
+            assert_ne!(w[..k], before[..k], "rows before it are built");
+        }
+    }
+
+    #[test]
+    fn first_index_finds_the_lowest_position() {
+        for k in [1usize, 15, 16, 17, 40, 1000] {
+            for at in [0, k / 3, k - 1] {
+                let mut row: Vec<f32> = (0..k).map(|j| (j % 7) as f32 * 0.1).collect();
+                row[at] = 9.0;
+                if at + 1 < k {
+                    row[k - 1] = 9.0;
+                }
+                assert_eq!(first_index_of(&row, 9.0), at as u32, "K = {k}, at {at}");
+            }
+            assert_eq!(first_index_of(&vec![0.5; k], 2.0), 0, "absent, K = {k}");
         }
     }
 
