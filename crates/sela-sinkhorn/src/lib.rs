@@ -319,6 +319,7 @@ impl<C: Reduce> Sinkhorn<C> {
             None
         };
         // Problems of the shared inputs are the same on every process.
+        let warm = warm_start(warm_log_beta, k);
         let shared = if n < k {
             Some(SinkhornError::FewerRowsThanClusters { n, k })
         } else if comm.ranks() > exact::MAX_PROCESSES {
@@ -330,14 +331,14 @@ impl<C: Reduce> Sinkhorn<C> {
         } else if !(lambda.is_finite() && lambda > 0.0) {
             Some(SinkhornError::Lambda(lambda))
         } else {
-            warm_start(warm_log_beta, k).err()
+            warm.as_ref().err().cloned()
         };
         if let Some(e) = shared {
             return Err(mine.unwrap_or(e));
         }
         // The kernel is built in place; the first row with a non-finite logit stops its chunk
         // and is left as it was, so its value can be reported.
-        let g0 = warm_start(warm_log_beta, k)?;
+        let g0 = warm?;
         let mut w = logits;
         let mut row_log_p = vec![0.0; local];
         let (mut colmax, bad) = match &mine {

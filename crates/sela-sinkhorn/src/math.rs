@@ -498,18 +498,12 @@ fn first_index_of(row: &[f32], x: f32) -> u32 {
             first[l] = first[l].min(at);
         }
     }
-    let tail = row.len() - rest.len();
-    let mut best = first.iter().fold(u32::MAX, |m, &i| m.min(i));
-    if best == u32::MAX {
-        best = rest
+    match first.iter().fold(u32::MAX, |m, &i| m.min(i)) {
+        u32::MAX => rest
             .iter()
             .position(|&a| a == x)
-            .map_or(u32::MAX, |p| (tail + p) as u32);
-    }
-    if best == u32::MAX {
-        0
-    } else {
-        best
+            .map_or(0, |p| (row.len() - rest.len() + p) as u32),
+        best => best,
     }
 }
 
