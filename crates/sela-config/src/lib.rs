@@ -156,8 +156,8 @@ impl Default for AssignSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainSection {
-    /// Epochs of training per round.
-    pub epochs_per_round: u32,
+    /// Epochs of training per round: one count for every round, or one per round.
+    pub epochs_per_round: RoundEpochs,
     /// Mini-batch size.
     pub batch_size: usize,
     /// `sgd` (with momentum) or `adamw`.
@@ -180,10 +180,55 @@ pub struct TrainSection {
     pub threads: usize,
 }
 
+/// How many epochs each round trains. Label updates happen between rounds, so a per-round list
+/// spaces them: `[1, 1, 1, 1, 2, 4]` re-solves the labels every epoch early and rarely late (the
+/// official code spaces its label updates quadratically for the same reason).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "an epoch count, or a list with one epoch count per round"
+)]
+pub enum RoundEpochs {
+    /// Every round trains this many epochs.
+    Every(u32),
+    /// Round r (1-based) trains entry r − 1; one entry per round of `pipeline.rounds`.
+    PerRound(Vec<u32>),
+}
+
+impl RoundEpochs {
+    /// The epochs round `round` (≥ 1) trains; `None` past the end of a per-round list.
+    pub fn of_round(&self, round: u32) -> Option<u32> {
+        match self {
+            RoundEpochs::Every(e) => Some(*e),
+            RoundEpochs::PerRound(list) => list.get(round.checked_sub(1)? as usize).copied(),
+        }
+    }
+
+    /// The epochs trained before round `round` (≥ 1) starts; `None` past a per-round list.
+    pub fn before_round(&self, round: u32) -> Option<u64> {
+        let done = round.checked_sub(1)?;
+        match self {
+            RoundEpochs::Every(e) => Some(done as u64 * *e as u64),
+            RoundEpochs::PerRound(list) if (done as usize) < list.len() => {
+                Some(list[..done as usize].iter().map(|&e| e as u64).sum())
+            }
+            RoundEpochs::PerRound(_) => None,
+        }
+    }
+
+    /// The epochs of a whole run of `rounds` rounds (a per-round list: the sum of its entries).
+    pub fn total(&self, rounds: u32) -> u64 {
+        match self {
+            RoundEpochs::Every(e) => rounds as u64 * *e as u64,
+            RoundEpochs::PerRound(list) => list.iter().map(|&e| e as u64).sum(),
+        }
+    }
+}
+
 impl Default for TrainSection {
     fn default() -> Self {
         TrainSection {
-            epochs_per_round: 1,
+            epochs_per_round: RoundEpochs::Every(1),
             batch_size: 256,
             optimizer: "sgd".to_string(),
             lr: 0.05,
@@ -354,6 +399,24 @@ impl PipelineConfig {
             return Err(format!("assign.acceleration: {e}"));
         }
         let t = &self.train;
+        match &t.epochs_per_round {
+            RoundEpochs::Every(0) => {
+                return Err("train.epochs_per_round must be at least 1".to_string());
+            }
+            RoundEpochs::PerRound(list) if list.len() != self.pipeline.rounds as usize => {
+                return Err(format!(
+                    "train.epochs_per_round lists {} rounds, pipeline.rounds is {}: give one entry per round",
+                    list.len(),
+                    self.pipeline.rounds
+                ));
+            }
+            RoundEpochs::PerRound(list) if list.contains(&0) => {
+                return Err(format!(
+                    "train.epochs_per_round entries must be at least 1, got {list:?}"
+                ));
+            }
+            _ => {}
+        }
         if t.batch_size == 0 {
             return Err("train.batch_size must be positive".to_string());
         }
@@ -551,6 +614,66 @@ heads = [10]
             .unwrap_err()
             .to_string();
         assert!(msg.contains("section.key=value"), "{msg}");
+    }
+
+    #[test]
+    fn epochs_per_round_is_a_count_or_one_entry_per_round() {
+        let (_d, path) = write(MINIMAL);
+        let every = PipelineConfig::load_with(&path, &["train.epochs_per_round=2".into()]).unwrap();
+        let e = &every.train.epochs_per_round;
+        assert_eq!(e, &RoundEpochs::Every(2));
+        assert_eq!(
+            (e.of_round(7), e.before_round(4), e.total(5)),
+            (Some(2), Some(6), 10)
+        );
+        // The integer form serialises as before, so existing runs keep their config hash.
+        let json = serde_json::to_value(&every.train).unwrap();
+        assert_eq!(json["epochs_per_round"], serde_json::json!(2));
+
+        let sets = [
+            "pipeline.rounds=3".into(),
+            "train.epochs_per_round=[1, 2, 5]".into(),
+        ];
+        let listed = PipelineConfig::load_with(&path, &sets).unwrap();
+        let l = &listed.train.epochs_per_round;
+        assert_eq!(
+            (1..=4).map(|r| l.of_round(r)).collect::<Vec<_>>(),
+            [Some(1), Some(2), Some(5), None]
+        );
+        assert_eq!(
+            (1..=4).map(|r| l.before_round(r)).collect::<Vec<_>>(),
+            [Some(0), Some(1), Some(3), None]
+        );
+        assert_eq!(
+            (l.total(3), l.of_round(0), l.before_round(0)),
+            (8, None, None)
+        );
+        assert_ne!(listed.hash(), every.hash());
+
+        for (sets, expected) in [
+            (
+                vec!["train.epochs_per_round=[1, 2]"],
+                "train.epochs_per_round lists 2 rounds, pipeline.rounds is 10",
+            ),
+            (
+                vec!["pipeline.rounds=2", "train.epochs_per_round=[1, 0]"],
+                "entries must be at least 1",
+            ),
+            (vec!["train.epochs_per_round=0"], "must be at least 1"),
+            (
+                vec!["train.epochs_per_round=\"two\""],
+                "an epoch count, or a list with one epoch count per round",
+            ),
+        ] {
+            let sets: Vec<String> = sets.into_iter().map(String::from).collect();
+            let msg = PipelineConfig::load_with(&path, &sets)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains("p.toml") && msg.contains(expected),
+                "{sets:?}: {msg}"
+            );
+        }
     }
 
     /// Found by fuzzing: `inf`, `nan` and f64 values too large for an f32 setting (which become

@@ -132,10 +132,16 @@ pub fn run(args: &Args) -> Result<Summary> {
         bail!("--resume-every must be at least 1");
     }
     let hash = config.hash();
-    let epochs_per_round = config.train.epochs_per_round;
-    if epochs_per_round == 0 {
-        bail!("train.epochs_per_round is 0: nothing to train");
-    }
+    let round_epochs = &config.train.epochs_per_round;
+    let (Some(epochs), Some(first_epoch)) = (
+        round_epochs.of_round(round),
+        round_epochs.before_round(round),
+    ) else {
+        bail!(
+            "round {round} is past the {} rounds train.epochs_per_round lists",
+            config.pipeline.rounds
+        );
+    };
 
     // Everything is read and checked before anything is written.
     let start_net = match &args.init {
@@ -168,10 +174,17 @@ pub fn run(args: &Args) -> Result<Summary> {
     let n = set.len();
     let batch = config.train.batch_size;
     let steps_per_epoch = batches_per_epoch(n, batch) as u64;
-    let total_epochs = config.pipeline.rounds.max(round) as u64 * epochs_per_round as u64;
+    let total_epochs = round_epochs.total(config.pipeline.rounds.max(round));
     let schedule = LrSchedule::from_config(&config.train, steps_per_epoch, total_epochs)?;
-    let first_epoch = (round - 1) * epochs_per_round;
-    let end_epoch = first_epoch + epochs_per_round;
+    let (Ok(first_epoch), Some(end_epoch)) = (
+        u32::try_from(first_epoch),
+        u32::try_from(first_epoch + epochs as u64).ok(),
+    ) else {
+        bail!(
+            "train.epochs_per_round: round {round} ends past epoch {}",
+            u32::MAX
+        );
+    };
 
     let (mut net, mut opt, mut state, mut log): (Network, Optimizer, TrainState, Vec<TrainLogRow>) =
         match resumed {

@@ -222,6 +222,95 @@ fn train_resume_and_continue() {
     assert_eq!(ck.optimizer.unwrap().steps, 20);
 }
 
+/// A per-round list sets each round's length and the schedule runs over its sum: one round of
+/// three epochs trains exactly as three rounds of one epoch on the same labels.
+#[test]
+fn per_round_epochs_train_as_rounds_of_one_epoch_on_fixed_labels() {
+    let f = Fixture::new();
+    f.labels("labels2.parquet", &[3, 5], N, 1);
+    f.run(&["--round", "0", "--output", "r0.safetensors"])
+        .unwrap();
+    let listed = [
+        "--set",
+        "pipeline.rounds=2",
+        "--set",
+        "train.epochs_per_round=[1, 3]",
+    ];
+    let ones = [
+        "--set",
+        "pipeline.rounds=4",
+        "--set",
+        "train.epochs_per_round=1",
+    ];
+    let round = |set: &[&str], r: &str, labels: &str, init: &str, out: &str| {
+        let args = [
+            "--round", r, "--labels", labels, "--init", init, "--output", out,
+        ];
+        f.run(&[set, &args[..]].concat()).unwrap()
+    };
+    round(
+        &listed,
+        "1",
+        "labels.parquet",
+        "r0.safetensors",
+        "l1.safetensors",
+    );
+    let long = round(
+        &listed,
+        "2",
+        "labels2.parquet",
+        "l1.safetensors",
+        "l2.safetensors",
+    );
+    assert_eq!(long.steps, 20, "one epoch of 5 steps, then three");
+
+    round(
+        &ones,
+        "1",
+        "labels.parquet",
+        "r0.safetensors",
+        "o1.safetensors",
+    );
+    for (r, init, out) in [
+        ("2", "o1.safetensors", "o2.safetensors"),
+        ("3", "o2.safetensors", "o3.safetensors"),
+        ("4", "o3.safetensors", "o4.safetensors"),
+    ] {
+        round(&ones, r, "labels2.parquet", init, out);
+    }
+    let weights = |name: &str| {
+        let ck = checkpoint::load_any(&f.path(name)).unwrap();
+        let bits: Vec<Vec<u32>> = ck
+            .network
+            .params()
+            .iter()
+            .map(|p| p.data.iter().map(|v| v.to_bits()).collect())
+            .collect();
+        (bits, ck.state.step, ck.state.epoch)
+    };
+    assert_eq!(weights("l2.safetensors"), weights("o4.safetensors"));
+
+    let args = [
+        "--round",
+        "3",
+        "--labels",
+        "labels2.parquet",
+        "--init",
+        "l2.safetensors",
+        "--output",
+        "l3.safetensors",
+    ];
+    let msg = f
+        .run(&[&listed[..], &args[..]].concat())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("round 3 is past the 2 rounds train.epochs_per_round lists"),
+        "{msg}"
+    );
+    assert!(!f.path("l3.safetensors").exists());
+}
+
 #[test]
 fn bad_inputs_fail_clearly_and_write_nothing() {
     let f = Fixture::new();
