@@ -142,6 +142,15 @@ pub fn run(args: &Args) -> Result<Summary> {
             config.pipeline.rounds
         );
     };
+    let (Ok(first_epoch), Some(end_epoch)) = (
+        u32::try_from(first_epoch),
+        u32::try_from(first_epoch + epochs as u64).ok(),
+    ) else {
+        bail!(
+            "train.epochs_per_round: round {round} ends past epoch {}",
+            u32::MAX
+        );
+    };
 
     // Everything is read and checked before anything is written.
     let start_net = match &args.init {
@@ -176,15 +185,6 @@ pub fn run(args: &Args) -> Result<Summary> {
     let steps_per_epoch = batches_per_epoch(n, batch) as u64;
     let total_epochs = round_epochs.total(config.pipeline.rounds.max(round));
     let schedule = LrSchedule::from_config(&config.train, steps_per_epoch, total_epochs)?;
-    let (Ok(first_epoch), Some(end_epoch)) = (
-        u32::try_from(first_epoch),
-        u32::try_from(first_epoch + epochs as u64).ok(),
-    ) else {
-        bail!(
-            "train.epochs_per_round: round {round} ends past epoch {}",
-            u32::MAX
-        );
-    };
 
     let (mut net, mut opt, mut state, mut log): (Network, Optimizer, TrainState, Vec<TrainLogRow>) =
         match resumed {
