@@ -2,9 +2,10 @@
 //! the mean over heads of each head's cross-entropy against that head's labels for the current
 //! round, on augmented views prepared by a prefetching loader.
 //!
-//! - The learning-rate schedule spans the whole pipeline: round R trains global epochs
-//!   `(R−1)·E .. R·E` of `rounds·E` (E = `train.epochs_per_round`), and the step counter continues
-//!   from the previous round.
+//! - The learning-rate schedule spans the whole pipeline: round R trains the global epochs that
+//!   follow rounds 1..R−1's, of all rounds' epochs (`train.epochs_per_round`: one count E gives
+//!   `(R−1)·E .. R·E` of `rounds·E`; a per-round list, its prefix sums), and the step counter
+//!   continues from the previous round.
 //! - The optimiser state (momentum, or AdamW's moments) travels in the checkpoint, so round R+1
 //!   continues round R's momentum rather than restarting it (a changed `train.optimizer` starts
 //!   fresh state).
@@ -62,7 +63,8 @@ pub struct Args {
     /// Write a resume checkpoint every this many steps (and at the end of every epoch).
     #[arg(long, value_name = "STEPS", default_value_t = 100)]
     pub resume_every: u64,
-    /// Epochs to train this round (shorthand for --set train.epochs_per_round=N).
+    /// Epochs of every round (shorthand for --set train.epochs_per_round=N; replaces a per-round
+    /// list, so the schedule's length and the config hash change with it).
     #[arg(long, value_name = "N")]
     pub epochs: Option<u32>,
     /// Threads for training and augmentation [default: train.threads; 0 = all cores].
