@@ -105,6 +105,14 @@ pub struct ModelSection {
     pub blocks: Vec<usize>,
     /// K of each head (SeLa's multi-head "K×H"): `[10, 10, 30]` is three heads.
     pub heads: Vec<usize>,
+    /// The stage (0-based) whose output is the embedding `sela-extract` writes; unset, the last
+    /// one (the heads' input). Left out of the config hash when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_stage: Option<usize>,
+    /// Side of the grid that stage is average-pooled onto: 1 is global pooling (D = its width),
+    /// 3 keeps a 3×3 layout (D = 9 × its width). Left out of the config hash when 1.
+    #[serde(default = "global_pooling", skip_serializing_if = "is_global_pooling")]
+    pub embedding_grid: usize,
 }
 
 fn default_backbone() -> String {
@@ -115,6 +123,12 @@ fn default_widths() -> Vec<usize> {
 }
 fn default_blocks() -> Vec<usize> {
     vec![1, 1, 1]
+}
+fn global_pooling() -> usize {
+    1
+}
+fn is_global_pooling(grid: &usize) -> bool {
+    *grid == 1
 }
 
 /// `[assign]`: the Sinkhorn label step.
@@ -388,6 +402,20 @@ impl PipelineConfig {
                 m.widths, m.blocks
             ));
         }
+        if let Some(stage) = m.embedding_stage.filter(|&s| s >= m.widths.len()) {
+            return Err(format!(
+                "model.embedding_stage {stage} is out of range: the backbone has {} stages (0 to {})",
+                m.widths.len(),
+                m.widths.len() - 1
+            ));
+        }
+        if m.embedding_grid == 0 || m.embedding_grid > d.height.min(d.width) {
+            return Err(format!(
+                "model.embedding_grid must be between 1 (global pooling) and the image side {}, got {}",
+                d.height.min(d.width),
+                m.embedding_grid
+            ));
+        }
         let a = &self.assign;
         if !(a.lambda > 0.0 && a.lambda.is_finite()) {
             return Err(format!("assign.lambda must be positive, got {}", a.lambda));
@@ -614,6 +642,44 @@ heads = [10]
             .unwrap_err()
             .to_string();
         assert!(msg.contains("section.key=value"), "{msg}");
+    }
+
+    #[test]
+    fn embedding_readout_defaults_and_keeps_old_hashes() {
+        let (_d, path) = write(MINIMAL);
+        let plain = PipelineConfig::load(&path).unwrap();
+        assert_eq!(
+            (plain.model.embedding_stage, plain.model.embedding_grid),
+            (None, 1)
+        );
+        let one = PipelineConfig::load_with(&path, &["model.embedding_grid=1".into()]).unwrap();
+        assert_eq!(plain.hash(), one.hash());
+        let set = [
+            "model.embedding_stage=1".into(),
+            "model.embedding_grid=3".into(),
+        ];
+        let grid = PipelineConfig::load_with(&path, &set).unwrap();
+        assert_eq!(
+            (grid.model.embedding_stage, grid.model.embedding_grid),
+            (Some(1), 3)
+        );
+        assert_ne!(plain.hash(), grid.hash());
+        for (set, wanted) in [
+            (
+                "model.embedding_grid=0",
+                "model.embedding_grid must be between 1",
+            ),
+            ("model.embedding_grid=100000", "got 100000"),
+            (
+                "model.embedding_stage=3",
+                "embedding_stage 3 is out of range: the backbone has 3",
+            ),
+        ] {
+            let msg = PipelineConfig::load_with(&path, &[set.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains(wanted), "{set}: {msg}");
+        }
     }
 
     #[test]

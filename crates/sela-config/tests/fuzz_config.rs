@@ -79,7 +79,17 @@ const KEYS: &[(&str, &[&str])] = &[
             "train", "test", "channels", "height", "width", "mean", "std",
         ],
     ),
-    ("model", &["backbone", "widths", "blocks", "heads"]),
+    (
+        "model",
+        &[
+            "backbone",
+            "widths",
+            "blocks",
+            "heads",
+            "embedding_stage",
+            "embedding_grid",
+        ],
+    ),
     (
         "assign",
         &[

@@ -23,7 +23,7 @@ use sela_io::features::{FeaturesInfo, FeaturesLayout, FeaturesWriter};
 use sela_io::parts::Shard;
 use sela_io::Provenance;
 use sela_nn::checkpoint::{self, TrainState};
-use sela_nn::{ModelSpec, Network};
+use sela_nn::{ModelSpec, Network, Readout};
 use serde::Serialize;
 
 pub mod pretrained;
@@ -124,6 +124,7 @@ pub fn run(config: &PipelineConfig, opts: &ExtractOptions) -> Result<ExtractSumm
         bail!("--batch-size must be positive");
     }
     let spec = ModelSpec::from_config(config);
+    let readout = Readout::from_config(config, &spec);
     let model = match &opts.pretrained {
         Some(p) => {
             if opts.init {
@@ -137,8 +138,15 @@ pub fn run(config: &PipelineConfig, opts: &ExtractOptions) -> Result<ExtractSumm
                 config.pipeline.seed,
             )?)
         }
-        None if opts.init => Model::Sela(Box::new(write_initial_model(config, &opts.checkpoint)?)),
-        None => Model::Sela(Box::new(checkpoint::load(&opts.checkpoint, &spec)?.network)),
+        None => {
+            readout.validate(&spec)?;
+            let network = if opts.init {
+                write_initial_model(config, &opts.checkpoint)?
+            } else {
+                checkpoint::load(&opts.checkpoint, &spec)?.network
+            };
+            Model::Sela(Box::new(network), readout)
+        }
     };
     let mut summary = ExtractSummary {
         checkpoint: opts.checkpoint.clone(),
@@ -167,7 +175,8 @@ pub fn run(config: &PipelineConfig, opts: &ExtractOptions) -> Result<ExtractSumm
 
 /// The model an extraction runs.
 enum Model {
-    Sela(Box<Network>),
+    /// sela's network, and which of its activations is written as the embedding.
+    Sela(Box<Network>, Readout),
     Pretrained(Pretrained),
 }
 
@@ -175,7 +184,7 @@ impl Model {
     fn layout(&self, spec: &ModelSpec) -> FeaturesLayout {
         FeaturesLayout {
             embedding_dim: match self {
-                Model::Sela(_) => spec.embedding_dim(),
+                Model::Sela(_, readout) => readout.dim(spec),
                 Model::Pretrained(p) => p.dim,
             },
             head_sizes: spec.heads.clone(),
@@ -192,7 +201,7 @@ impl Model {
         scratch: &mut Vec<f32>,
     ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
         match self {
-            Model::Sela(net) => {
+            Model::Sela(net, readout) => {
                 scratch.resize(n * shape.len(), 0.0);
                 for (src, dst) in pixels
                     .chunks(shape.len())
@@ -200,7 +209,7 @@ impl Model {
                 {
                     clean_into(src, shape, norm, dst);
                 }
-                let out = net.infer(scratch, n)?;
+                let out = net.infer(scratch, n, *readout)?;
                 Ok((out.embedding, out.logits))
             }
             Model::Pretrained(p) => p.infer(pixels, n, shape.channels, shape.height, shape.width),

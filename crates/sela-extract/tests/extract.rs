@@ -161,6 +161,52 @@ fn output_reads_in_polars_with_the_documented_schema() {
     );
 }
 
+#[test]
+fn readout_sets_the_embedding_and_leaves_the_logits() {
+    let (dir, config, data) = setup(9);
+    sela_extract::write_initial_model(&config, &dir.path().join("init.safetensors")).unwrap();
+    run(&config, &opts(dir.path(), &data, "last", Shard::WHOLE, 4)).unwrap();
+    let cfg = dir.path().join("p.toml");
+    let set = |stage: usize, grid: usize| {
+        PipelineConfig::load_with(
+            &cfg,
+            &[
+                format!("model.embedding_stage={stage}"),
+                format!("model.embedding_grid={grid}"),
+            ],
+        )
+        .unwrap()
+    };
+    // Stage 0 is 4 channels at 12×12: a 3×3 grid gives D = 36.
+    run(
+        &set(0, 3),
+        &opts(dir.path(), &data, "grid", Shard::WHOLE, 4),
+    )
+    .unwrap();
+    let read =
+        |out: &str, column: &str| features::read_matrix(&dir.path().join(out), column).unwrap();
+    assert_eq!(
+        (
+            read("last", "embedding").cols,
+            read("grid", "embedding").cols
+        ),
+        (8, 36)
+    );
+    for column in ["logits_0", "logits_1"] {
+        assert_eq!(read("last", column).values, read("grid", column).values);
+    }
+    // Stage 1 is 6×6: a grid of 7 passes the config's bound (the image side) but not the
+    // network's, and nothing is written.
+    let err = run(&set(1, 7), &opts(dir.path(), &data, "bad", Shard::WHOLE, 4))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("embedding_grid 7 must be between 1 and the side of stage 1's 6×6 output"),
+        "{err}"
+    );
+    assert!(!dir.path().join("bad").exists());
+}
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sela-extract"))
 }

@@ -19,7 +19,7 @@ use sela_config::AugmentSection;
 use sela_images::loader::{Prefetcher, View};
 use sela_images::{ImageSet, Normalize, Rng};
 use sela_nn::reference::{ConvImpl, Reference};
-use sela_nn::{ModelSpec, Network, Optimizer, OptimizerKind};
+use sela_nn::{ModelSpec, Network, Optimizer, OptimizerKind, Readout};
 
 fn env_list(key: &str, default: &[usize]) -> Vec<usize> {
     std::env::var(key)
@@ -179,7 +179,8 @@ fn main() {
         for _ in 0..REPEATS {
             let t = Instant::now();
             for _ in 0..steps {
-                net.infer(&x, batch).expect("infer");
+                net.infer(&x, batch, Readout::heads_input(&spec))
+                    .expect("infer");
             }
             infer = infer.max((steps * batch) as f64 / t.elapsed().as_secs_f64());
         }

@@ -28,4 +28,4 @@ pub use error::{NnError, Result};
 pub use network::{Network, Outputs, Param, StepStats};
 pub use optim::{Optimizer, OptimizerKind};
 pub use schedule::LrSchedule;
-pub use spec::ModelSpec;
+pub use spec::{ModelSpec, Readout};

@@ -9,7 +9,7 @@ use crate::conv::{self, ConvShape, Epilogue};
 use crate::error::{NnError, Result};
 use crate::gemm::{matmul, Mat};
 use crate::optim::Optimizer;
-use crate::spec::ModelSpec;
+use crate::spec::{ModelSpec, Readout};
 
 /// Stream tag of the initialisation's random numbers.
 const STREAM_INIT: u64 = 0x1417_0001;
@@ -29,7 +29,7 @@ pub struct Param {
 /// What [`Network::infer`] returns for `n` images.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outputs {
-    /// n×D embeddings (globally pooled backbone features), row-major.
+    /// n×D embeddings (the [`Readout`] asked for), row-major.
     pub embedding: Vec<f32>,
     /// Per head, n×K_h logits, row-major.
     pub logits: Vec<Vec<f32>>,
@@ -97,6 +97,8 @@ struct Plan {
     heads: Vec<HeadL>,
     d: usize,
     last_plane: usize,
+    /// Per stage: the index of its last block and the shape of its output.
+    stages: Vec<(usize, PoolShape)>,
     /// Values per image of each activation id.
     act_len: Vec<usize>,
     bn_count: usize,
@@ -182,6 +184,7 @@ fn build(spec: &ModelSpec) -> (Plan, Vec<Param>, Vec<Param>) {
     let stem_c = b.act(c0 * h * w);
     let stem_a = b.act(c0 * h * w);
     let mut blocks = Vec::new();
+    let mut stages = Vec::new();
     let mut cin = c0;
     for (s, (&width, &count)) in spec.widths.iter().zip(&spec.blocks).enumerate() {
         for i in 0..count {
@@ -251,6 +254,15 @@ fn build(spec: &ModelSpec) -> (Plan, Vec<Param>, Vec<Param>) {
             cin = width;
             (h, w) = (ho, wo);
         }
+        stages.push((
+            blocks.len() - 1,
+            PoolShape {
+                c: width,
+                h,
+                w,
+                grid: 1,
+            },
+        ));
     }
     let d = cin;
     let heads = spec
@@ -272,6 +284,7 @@ fn build(spec: &ModelSpec) -> (Plan, Vec<Param>, Vec<Param>) {
         heads,
         d,
         last_plane: h * w,
+        stages,
         act_len: b.act_len,
         bn_count: b.bn_count,
     };
@@ -413,11 +426,19 @@ impl Network {
         Ok(())
     }
 
-    /// Embeddings and every head's logits for `n` normalised N×C×H×W images, with BatchNorm in
-    /// inference mode (folded into the convolutions). Each image's outputs are bit-identical
-    /// whatever batch it is computed in.
-    pub fn infer(&self, images: &[f32], n: usize) -> Result<Outputs> {
+    /// Embeddings (as `readout` says) and every head's logits for `n` normalised N×C×H×W
+    /// images, with BatchNorm in inference mode (folded into the convolutions). Each image's
+    /// outputs are bit-identical whatever batch it is computed in.
+    pub fn infer(&self, images: &[f32], n: usize, readout: Readout) -> Result<Outputs> {
         self.check_images(images, n)?;
+        readout.validate(&self.spec)?;
+        let (readout_block, stage_shape) = self.plan.stages[readout.stage];
+        let readout_shape = PoolShape {
+            grid: readout.grid,
+            ..stage_shape
+        };
+        let heads_input = readout == Readout::heads_input(&self.spec);
+        let rd = readout_shape.dim();
         let plan = &self.plan;
         let fold = |c: &ConvL, bn: &BnL| -> (Vec<f32>, Vec<f32>) {
             let per = c.s.kdim();
@@ -448,7 +469,7 @@ impl Network {
             })
             .collect();
         let d = plan.d;
-        let mut embedding = vec![0.0f32; n * d];
+        let mut embedding = vec![0.0f32; n * rd];
         let mut logits: Vec<Vec<f32>> = plan.heads.iter().map(|h| vec![0.0; n * h.k]).collect();
         let len = self.spec.image_len();
         let mut emb_chunk = vec![0.0f32; INFER_CHUNK * d];
@@ -468,7 +489,7 @@ impl Network {
                 relu: true,
             };
             conv::forward(s, m, x, &stem.0, epi, &mut a);
-            for (b, (f1, f2, fs)) in plan.blocks.iter().zip(&blocks) {
+            for (bi, (b, (f1, f2, fs))) in plan.blocks.iter().zip(&blocks).enumerate() {
                 let ol = b.conv1.s.out_len();
                 h1.resize(m * ol, 0.0);
                 let epi = Epilogue {
@@ -495,10 +516,15 @@ impl Network {
                 };
                 conv::forward(&b.conv2.s, m, &h1, &f2.0, epi, &mut out);
                 std::mem::swap(&mut a, &mut out);
+                if bi == readout_block && !heads_input {
+                    readout_shape.pool(&a, m, &mut embedding[start * rd..(start + m) * rd]);
+                }
             }
             emb_chunk.fill(0.0);
             pool(&a, m, d, plan.last_plane, &mut emb_chunk[..m * d]);
-            embedding[start * d..(start + m) * d].copy_from_slice(&emb_chunk[..m * d]);
+            if heads_input {
+                embedding[start * d..(start + m) * d].copy_from_slice(&emb_chunk[..m * d]);
+            }
             for (hl, lg) in plan.heads.iter().zip(logits.iter_mut()) {
                 head_out.resize(INFER_CHUNK * hl.k, 0.0);
                 self.head_forward(hl, &emb_chunk, INFER_CHUNK, &mut head_out, false);
@@ -838,6 +864,51 @@ fn pool(x: &[f32], n: usize, c: usize, plane: usize, emb: &mut [f32]) {
         for (ch, v) in e.iter_mut().enumerate() {
             let s = &x[(i * c + ch) * plane..(i * c + ch + 1) * plane];
             *v = s.iter().sum::<f32>() / plane as f32;
+        }
+    }
+}
+
+/// Average pooling of a c×h×w activation onto a grid×grid lattice of cells, PyTorch's
+/// `AdaptiveAvgPool2d` cells: cell i of a side of length L spans ⌊i·L/grid⌋ .. ⌈(i+1)·L/grid⌉, so
+/// cells overlap where grid does not divide L. grid = 1 is global average pooling.
+#[derive(Debug, Clone, Copy)]
+struct PoolShape {
+    c: usize,
+    h: usize,
+    w: usize,
+    grid: usize,
+}
+
+impl PoolShape {
+    /// Values per image of the pooled output.
+    fn dim(&self) -> usize {
+        self.c * self.grid * self.grid
+    }
+
+    /// The rows (or columns) of cell `i` along a side of length `side`.
+    fn span(&self, i: usize, side: usize) -> std::ops::Range<usize> {
+        i * side / self.grid..((i + 1) * side).div_ceil(self.grid)
+    }
+
+    /// `out[i, (ch·grid + gy)·grid + gx]` = mean of image i's channel ch over cell (gy, gx), for
+    /// the `n` images of `x`.
+    fn pool(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        let plane = self.h * self.w;
+        assert_eq!(x.len(), n * self.c * plane);
+        assert_eq!(out.len(), n * self.dim());
+        let g = self.grid;
+        let cells: Vec<Vec<usize>> = (0..g * g)
+            .map(|cell| {
+                let xs = self.span(cell % g, self.w);
+                self.span(cell / g, self.h)
+                    .flat_map(|y| xs.clone().map(move |x| y * self.w + x))
+                    .collect()
+            })
+            .collect();
+        for (row, src) in out.chunks_mut(g * g).zip(x.chunks(plane)) {
+            for (v, cell) in row.iter_mut().zip(&cells) {
+                *v = cell.iter().map(|&p| src[p]).sum::<f32>() / cell.len() as f32;
+            }
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::batchnorm::EPS;
 use crate::error::Result;
 use crate::network::Network;
 use crate::optim::Optimizer;
-use crate::spec::ModelSpec;
+use crate::spec::{ModelSpec, Readout};
 
 /// Which convolution the graph uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,8 +111,15 @@ impl Reference {
         xhat.broadcast_mul(&g)?.broadcast_add(&b)
     }
 
-    /// Embedding and logits of a batch (N×C×H×W), BatchNorm in training or inference mode.
-    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+    /// Embedding (as `readout` says) and logits of a batch (N×C×H×W), BatchNorm in training or
+    /// inference mode.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        readout: Readout,
+    ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        let mut embedding = None;
         let mut a = self
             .bn(&self.conv(x, "stem.conv", 1, 1)?, "stem.bn", train)?
             .relu()?;
@@ -134,6 +141,9 @@ impl Reference {
                 a = (h + short)?.relu()?;
                 cin = width;
             }
+            if s == readout.stage {
+                embedding = Some(Self::pool(&a, readout.grid)?);
+            }
         }
         let emb = a.flatten_from(2)?.mean(D::Minus1)?;
         let logits = (0..self.spec.heads.len())
@@ -143,7 +153,25 @@ impl Reference {
                 emb.matmul(&w.t()?)?.broadcast_add(b)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok((emb, logits))
+        let embedding = embedding
+            .ok_or_else(|| candle_core::Error::Msg(format!("no stage {}", readout.stage)))?;
+        Ok((embedding, logits))
+    }
+
+    /// Average pooling onto grid×grid adaptive cells, one `mean` of a narrowed view per cell,
+    /// flattened channel by channel.
+    fn pool(a: &Tensor, grid: usize) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = a.dims4()?;
+        let span = |i: usize, side: usize| (i * side / grid, ((i + 1) * side).div_ceil(grid));
+        let mut cells = Vec::with_capacity(grid * grid);
+        for gy in 0..grid {
+            for gx in 0..grid {
+                let ((y0, y1), (x0, x1)) = (span(gy, h), span(gx, w));
+                let cell = a.narrow(2, y0, y1 - y0)?.narrow(3, x0, x1 - x0)?;
+                cells.push(cell.flatten_from(2)?.mean(D::Minus1)?);
+            }
+        }
+        Tensor::stack(&cells, 2)?.flatten_from(1)
     }
 
     /// Training-mode loss (mean over heads of each head's cross-entropy) and the gradient of
@@ -156,7 +184,7 @@ impl Reference {
     ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
         let s = &self.spec;
         let x = Tensor::from_slice(images, (n, s.channels, s.height, s.width), &Device::Cpu)?;
-        let (_, logits) = self.forward(&x, true)?;
+        let (_, logits) = self.forward(&x, true, Readout::heads_input(s))?;
         let mut losses = Vec::new();
         let mut total: Option<Tensor> = None;
         for (lg, l) in logits.iter().zip(labels) {

@@ -9,8 +9,9 @@ use crate::error::{NnError, Result};
 /// The backbone is a compact ResNet: a 3×3 stem convolution (no early down-sampling), then one
 /// stage per entry of `widths`, each of `blocks[s]` basic residual blocks (two 3×3 convolutions
 /// with BatchNorm and ReLU); every stage after the first halves the resolution in its first block.
-/// Global average pooling gives the embedding (D = the last width), and each head is a linear
-/// layer from the embedding to `heads[h]` logits.
+/// Global average pooling of the last stage is the heads' input (D = the last width), and each
+/// head is a linear layer from it to `heads[h]` logits. What inference reports as the embedding
+/// is a [`Readout`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelSpec {
     /// Backbone family; only `resnet` exists.
@@ -43,9 +44,23 @@ impl ModelSpec {
         }
     }
 
-    /// Size D of the embedding (the last stage's width).
-    pub fn embedding_dim(&self) -> usize {
+    /// Size D of the heads' input (the last stage's width).
+    pub fn head_input_dim(&self) -> usize {
         self.widths.last().copied().unwrap_or(0)
+    }
+
+    /// Height and width of each stage's output: the input's, then halved (rounding up) by every
+    /// stage after the first.
+    pub fn stage_sides(&self) -> Vec<(usize, usize)> {
+        let (mut h, mut w) = (self.height, self.width);
+        (0..self.widths.len())
+            .map(|s| {
+                if s > 0 {
+                    (h, w) = (h.div_ceil(2), w.div_ceil(2));
+                }
+                (h, w)
+            })
+            .collect()
     }
 
     /// Values per input image (C·H·W).
@@ -141,6 +156,63 @@ impl ModelSpec {
     }
 }
 
+/// What [`crate::Network::infer`] reports as each image's embedding: the output of one stage,
+/// average-pooled onto a `grid`×`grid` lattice of cells and flattened channel by channel (D =
+/// that stage's width × grid²). The cells are PyTorch's adaptive-pooling cells, which overlap
+/// when the grid does not divide the side. It changes what is read out, not what is trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readout {
+    /// Stage index, 0-based.
+    pub stage: usize,
+    /// Cells per side; 1 is global average pooling.
+    pub grid: usize,
+}
+
+impl Readout {
+    /// The heads' input: the last stage, globally pooled.
+    pub fn heads_input(spec: &ModelSpec) -> Readout {
+        Readout {
+            stage: spec.widths.len().saturating_sub(1),
+            grid: 1,
+        }
+    }
+
+    /// The readout `[model] embedding_stage` and `embedding_grid` ask for.
+    pub fn from_config(config: &sela_config::PipelineConfig, spec: &ModelSpec) -> Readout {
+        Readout {
+            stage: config
+                .model
+                .embedding_stage
+                .unwrap_or(Readout::heads_input(spec).stage),
+            grid: config.model.embedding_grid,
+        }
+    }
+
+    /// Size D of the embedding.
+    pub fn dim(&self, spec: &ModelSpec) -> usize {
+        spec.widths.get(self.stage).copied().unwrap_or(0) * self.grid * self.grid
+    }
+
+    /// Checks that the stage exists and its output has at least `grid` rows and columns.
+    pub fn validate(&self, spec: &ModelSpec) -> Result<()> {
+        let sides = spec.stage_sides();
+        let Some(&(h, w)) = sides.get(self.stage) else {
+            return Err(NnError::Spec(format!(
+                "model.embedding_stage {} is out of range: the backbone has {} stages",
+                self.stage,
+                sides.len()
+            )));
+        };
+        if self.grid == 0 || self.grid > h.min(w) {
+            return Err(NnError::Spec(format!(
+                "model.embedding_grid {} must be between 1 and the side of stage {}'s {h}×{w} output",
+                self.grid, self.stage
+            )));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,7 +233,7 @@ mod tests {
     fn validation_and_mismatch() {
         let s = tiny();
         s.validate().unwrap();
-        assert_eq!(s.embedding_dim(), 8);
+        assert_eq!(s.head_input_dim(), 8);
         let mut t = s.clone();
         t.blocks = vec![1, 0];
         assert!(t
@@ -174,5 +246,32 @@ mod tests {
         let m = s.mismatch(&t).unwrap();
         assert!(m.contains("heads [3, 5], the config asks for [3]"), "{m}");
         assert!(s.mismatch(&s.clone()).is_none());
+        // An 8×8 input: stage 0 is 8×8, stage 1 4×4.
+        assert_eq!(s.stage_sides(), vec![(8, 8), (4, 4)]);
+        assert_eq!(Readout::heads_input(&s), Readout { stage: 1, grid: 1 });
+        for (stage, grid, dim) in [(0, 1, 4), (0, 8, 256), (1, 1, 8), (1, 3, 72), (1, 4, 128)] {
+            let r = Readout { stage, grid };
+            r.validate(&s).unwrap();
+            assert_eq!(r.dim(&s), dim);
+        }
+        for (stage, grid, wanted) in [
+            (
+                2,
+                1,
+                "embedding_stage 2 is out of range: the backbone has 2 stages",
+            ),
+            (
+                1,
+                5,
+                "embedding_grid 5 must be between 1 and the side of stage 1's 4×4 output",
+            ),
+            (0, 0, "embedding_grid 0 must be between 1"),
+        ] {
+            let err = Readout { stage, grid }
+                .validate(&s)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(wanted), "{err}");
+        }
     }
 }

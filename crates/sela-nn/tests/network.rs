@@ -3,7 +3,7 @@
 
 use sela_nn::checkpoint::{self, TrainState};
 use sela_nn::reference::{ConvImpl, Reference};
-use sela_nn::{ModelSpec, Network, Optimizer, OptimizerKind};
+use sela_nn::{ModelSpec, Network, Optimizer, OptimizerKind, Readout};
 
 fn spec(channels: usize, side: usize, heads: Vec<usize>) -> ModelSpec {
     ModelSpec {
@@ -39,14 +39,24 @@ fn output_shapes() {
     for (c, side) in [(1, 9), (3, 8)] {
         let s = spec(c, side, vec![3, 5]);
         let net = Network::init(&s, 1).unwrap();
-        let out = net.infer(&images(5, s.image_len(), 2), 5).unwrap();
-        assert_eq!(out.embedding.len(), 5 * s.embedding_dim());
+        let head_input = Readout::heads_input(&s);
+        let out = net
+            .infer(&images(5, s.image_len(), 2), 5, head_input)
+            .unwrap();
+        assert_eq!(out.embedding.len(), 5 * s.head_input_dim());
         assert_eq!(out.logits.len(), 2);
         assert_eq!(out.logits[0].len(), 5 * 3);
         assert_eq!(out.logits[1].len(), 5 * 5);
         assert!(out.embedding.iter().all(|v| v.is_finite()));
-        let err = net.infer(&images(2, s.image_len(), 2), 3).unwrap_err();
+        let err = net
+            .infer(&images(2, s.image_len(), 2), 3, head_input)
+            .unwrap_err();
         assert!(err.to_string().contains("expected 3 images"), "{err}");
+        let (stage, grid) = (0, side + 1);
+        let err = net
+            .infer(&images(2, s.image_len(), 2), 2, Readout { stage, grid })
+            .unwrap_err();
+        assert!(err.to_string().contains("embedding_grid"), "{err}");
     }
 }
 
@@ -77,6 +87,15 @@ fn gradients_equal_candle_autograd() {
 
 #[test]
 fn inference_is_batch_independent_and_matches_candle_eval_mode() {
+    // Stage 0 is 8×8, stage 1 4×4: global pooling, a grid that divides the side, and one whose
+    // cells overlap.
+    for (stage, grid) in [(1, 1), (1, 3), (0, 2), (0, 3)] {
+        inference_check(Readout { stage, grid });
+    }
+}
+
+/// Batch independence, and candle's eval-mode forward, for one readout.
+fn inference_check(readout: Readout) {
     let s = spec(1, 8, vec![5]);
     let mut net = Network::init(&s, 9).unwrap();
     // A few training steps so the running statistics are not the initial ones.
@@ -88,15 +107,16 @@ fn inference_is_batch_independent_and_matches_candle_eval_mode() {
     }
     let len = s.image_len();
     let big = images(70, len, 11);
-    let all = net.infer(&big, 70).unwrap();
+    let all = net.infer(&big, 70, readout).unwrap();
     // Seven of those images, in another order and batch.
     let picks = [66, 3, 64, 17, 0, 41, 69];
     let small: Vec<f32> = picks
         .iter()
         .flat_map(|&i| big[i * len..(i + 1) * len].to_vec())
         .collect();
-    let part = net.infer(&small, 7).unwrap();
-    let d = s.embedding_dim();
+    let part = net.infer(&small, 7, readout).unwrap();
+    let d = readout.dim(&s);
+    assert_eq!(all.embedding.len(), 70 * d);
     for (j, &i) in picks.iter().enumerate() {
         assert_eq!(
             part.embedding[j * d..(j + 1) * d],
@@ -111,9 +131,13 @@ fn inference_is_batch_independent_and_matches_candle_eval_mode() {
     let reference = Reference::new(&net, ConvImpl::Candle).unwrap();
     let t =
         candle_core::Tensor::from_slice(&small, (7, 1, 8, 8), &candle_core::Device::Cpu).unwrap();
-    let (emb, logits) = reference.forward(&t, false).unwrap();
+    let (emb, logits) = reference.forward(&t, false, readout).unwrap();
     let emb: Vec<f32> = emb.flatten_all().unwrap().to_vec1().unwrap();
     let lg: Vec<f32> = logits[0].flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(emb.len(), part.embedding.len());
+    // The readout changes the embedding only.
+    let plain = net.infer(&small, 7, Readout::heads_input(&s)).unwrap();
+    assert_eq!(plain.logits, part.logits);
     for (a, b) in emb
         .iter()
         .zip(&part.embedding)
@@ -130,11 +154,11 @@ fn batchnorm_trains_on_batch_statistics_and_infers_with_running_ones() {
     let x = images(8, s.image_len(), 3);
     let l = labels(8, 3, 1);
     let before = net.buffers().to_vec();
-    let out_before = net.infer(&x, 8).unwrap();
+    let out_before = net.infer(&x, 8, Readout::heads_input(&s)).unwrap();
     net.compute_gradients(&x, 8, &[&l]).unwrap();
     // Training mode moved the running statistics (and nothing else).
     assert_ne!(net.buffers(), &before[..]);
-    let out_after = net.infer(&x, 8).unwrap();
+    let out_after = net.infer(&x, 8, Readout::heads_input(&s)).unwrap();
     assert_ne!(out_before.embedding, out_after.embedding);
     // Training mode normalises with the batch's statistics: the loss of an image depends on
     // the rest of its batch.
@@ -237,8 +261,10 @@ fn checkpoint_round_trip_and_validation() {
     assert_eq!(back.network.params(), net.params());
     assert_eq!(back.network.buffers(), net.buffers());
     assert_eq!(
-        back.network.infer(&x, 10).unwrap(),
-        net.infer(&x, 10).unwrap()
+        back.network
+            .infer(&x, 10, Readout::heads_input(&s))
+            .unwrap(),
+        net.infer(&x, 10, Readout::heads_input(&s)).unwrap()
     );
     // Training continues identically from the reloaded copy.
     let (mut a, mut oa) = (net.clone(), opt.clone());
