@@ -5,7 +5,8 @@
 //! Supported: torchvision-layout ResNet-18/34/50 (`conv1.weight`, `bn1.running_mean`,
 //! `layer1.0.conv1.weight`, ...; the final `fc` layer is not used). Images are resized to
 //! `image_size`, replicated to RGB when gray, and normalised with the ImageNet statistics. The
-//! embedding is the globally pooled last feature map. A frozen backbone has no trained heads, so
+//! embedding is the globally pooled last feature map (`[model] embedding_stage` and
+//! `embedding_grid` choose sela's own network's readout only). A frozen backbone has no trained heads, so
 //! each head's logits are cosine similarities of the embedding to K seeded random directions,
 //! scaled by 10: a deterministic starting point for the label step, not a trained classifier.
 
