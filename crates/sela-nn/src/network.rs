@@ -96,7 +96,8 @@ struct Plan {
     blocks: Vec<BlockL>,
     heads: Vec<HeadL>,
     d: usize,
-    last_plane: usize,
+    /// The last stage's output, pooled globally: the heads' input.
+    last: PoolShape,
     /// Per stage: the index of its last block and the shape of its output.
     stages: Vec<(usize, PoolShape)>,
     /// Values per image of each activation id.
@@ -283,7 +284,12 @@ fn build(spec: &ModelSpec) -> (Plan, Vec<Param>, Vec<Param>) {
         blocks,
         heads,
         d,
-        last_plane: h * w,
+        last: PoolShape {
+            c: cin,
+            h,
+            w,
+            grid: 1,
+        },
         stages,
         act_len: b.act_len,
         bn_count: b.bn_count,
@@ -521,7 +527,7 @@ impl Network {
                 }
             }
             emb_chunk.fill(0.0);
-            pool(&a, m, d, plan.last_plane, &mut emb_chunk[..m * d]);
+            plan.last.pool(&a, m, &mut emb_chunk[..m * d]);
             if heads_input {
                 embedding[start * d..(start + m) * d].copy_from_slice(&emb_chunk[..m * d]);
             }
@@ -743,7 +749,7 @@ impl Network {
         }
         let d = plan.d;
         let mut emb = std::mem::take(&mut self.work.emb);
-        pool(&self.work.acts[a_in], n, d, plan.last_plane, &mut emb);
+        plan.last.pool(&self.work.acts[a_in], n, &mut emb);
         let heads = plan.heads.len();
         let mut head_losses = Vec::with_capacity(heads);
         for (h, hl) in plan.heads.iter().enumerate() {
@@ -788,7 +794,7 @@ impl Network {
                 Mat::rows(&self.params[hl.w].data, d),
             );
         }
-        let p = plan.last_plane;
+        let p = plan.last.h * plan.last.w;
         let scale = 1.0 / p as f32;
         self.work.grads[a_in]
             .par_chunks_mut(d * p)
@@ -855,17 +861,6 @@ fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
     assert!(a < b);
     let (lo, hi) = v.split_at_mut(b);
     (&mut lo[a], &mut hi[0])
-}
-
-/// Global average pooling: `emb[i, c]` = mean of image i's channel c.
-fn pool(x: &[f32], n: usize, c: usize, plane: usize, emb: &mut [f32]) {
-    assert_eq!(x.len(), n * c * plane);
-    for (i, e) in emb.chunks_mut(c).enumerate().take(n) {
-        for (ch, v) in e.iter_mut().enumerate() {
-            let s = &x[(i * c + ch) * plane..(i * c + ch + 1) * plane];
-            *v = s.iter().sum::<f32>() / plane as f32;
-        }
-    }
 }
 
 /// Average pooling of a c×h×w activation onto a grid×grid lattice of cells, PyTorch's

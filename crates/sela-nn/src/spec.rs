@@ -101,18 +101,17 @@ impl ModelSpec {
                 self.heads
             ));
         }
-        let (mut h, mut w) = (self.height, self.width);
-        for s in 1..self.widths.len() {
-            if h < 2 || w < 2 {
+        let sides = self.stage_sides();
+        for (s, &(h, w)) in sides.iter().enumerate().skip(1) {
+            let (ph, pw) = sides[s - 1];
+            if ph < 2 || pw < 2 {
                 return bad(format!(
-                    "a {}×{} input is too small for {} stages (stage {s} would halve {h}×{w})",
+                    "a {}×{} input is too small for {} stages (stage {s} would halve {ph}×{pw} to {h}×{w})",
                     self.height,
                     self.width,
                     self.widths.len()
                 ));
             }
-            h = h.div_ceil(2);
-            w = w.div_ceil(2);
         }
         Ok(())
     }
