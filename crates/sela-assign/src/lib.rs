@@ -15,6 +15,7 @@
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod neighbours;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,8 @@ use sela_io::labels::{self, AssignStats, HeadLabels, HeadStats};
 use sela_io::table::TableFile;
 use sela_io::{FileMeta, Provenance};
 use sela_sinkhorn::{Acceleration, Assignment, Reduce, Sinkhorn, Solution};
+
+use crate::neighbours::Neighbours;
 use serde::Serialize;
 
 /// Command-line flags of `sela-assign`.
@@ -81,6 +84,16 @@ pub struct Args {
     /// assign.acceleration, default anderson].
     #[arg(long, value_name = "SPEC")]
     pub acceleration: Option<Acceleration>,
+    /// Solve each head on its probabilities averaged over every row's N nearest rows in the
+    /// `embedding` column (cosine similarity, itself included); 0 solves the head's own
+    /// [config assign.neighbours, default 0].
+    #[arg(long, value_name = "N")]
+    pub neighbours: Option<usize>,
+    /// The last round (--round) solved on neighbour-averaged probabilities; later rounds solve
+    /// the heads' own. Without --round every run averages [config
+    /// assign.neighbours_until_round, default every round].
+    #[arg(long, value_name = "ROUND")]
+    pub neighbours_until_round: Option<u32>,
     /// Round to exactly balanced hard labels (sizes ⌊N/K⌋ or ⌈N/K⌉), by confidence
     /// [or config assign.exact_balance].
     #[arg(long)]
@@ -213,6 +226,8 @@ pub struct Settings {
     pub exact_balance: bool,
     /// Tie order of --exact-balance.
     pub seed: u64,
+    /// Nearest neighbours each row's probabilities are averaged over in this run (0: none).
+    pub neighbours: usize,
     /// Round stamped into provenance.
     pub round: Option<u32>,
     /// Hash of the pipeline config, when one was given.
@@ -239,7 +254,17 @@ impl Settings {
                 .parse()
                 .map_err(|e| anyhow!("config assign.acceleration: {e}"))?,
         };
+        let until = args.neighbours_until_round.or(d.neighbours_until_round);
+        let this_round = match (until, args.pipeline.round) {
+            (Some(last), Some(round)) => round <= last,
+            _ => true,
+        };
         Ok(Settings {
+            neighbours: if this_round {
+                args.neighbours.unwrap_or(d.neighbours)
+            } else {
+                0
+            },
             acceleration,
             lambda,
             tol: args.tol.unwrap_or(d.tol),
@@ -370,6 +395,8 @@ pub(crate) fn empty_stats(settings: &Settings) -> AssignStats {
         prior: settings.prior_spec.clone(),
         exact_balance: settings.exact_balance,
         acceleration: settings.acceleration.to_string(),
+        neighbours: 0,
+        neighbour_seconds: 0.0,
         heads: Vec::new(),
     }
 }
@@ -561,6 +588,23 @@ pub fn run(args: &Args) -> anyhow::Result<Summary> {
     let quiet = args.out.quiet;
 
     let mut stats = empty_stats(&settings);
+    let neighbours = if settings.neighbours > 0 {
+        let start = Instant::now();
+        let found = Neighbours::search(&args.logits, settings.neighbours)?;
+        stats.neighbours = found.k();
+        stats.neighbour_seconds = start.elapsed().as_secs_f64();
+        if !quiet {
+            eprintln!(
+                "neighbours: {} per row over {} rows, {:.1} s",
+                found.k(),
+                found.rows(),
+                stats.neighbour_seconds
+            );
+        }
+        Some(found)
+    } else {
+        None
+    };
     let mut out: BTreeMap<u32, HeadLabels> = BTreeMap::new();
     let mut rows = 0;
     for (head, column) in &heads {
@@ -574,7 +618,11 @@ pub fn run(args: &Args) -> anyhow::Result<Summary> {
             .marginals(k)
             .with_context(|| format!("{}: prior for K = {k}", ctx()))?;
         let duals = duals_for(&warm, head, k, settings.lambda)?;
-        let mut solver = Sinkhorn::new(matrix.values, k, settings.lambda, duals.as_deref())
+        let values = match &neighbours {
+            Some(nb) => nb.averaged_log_probs(&matrix.ids, &matrix.values, k, &ctx())?,
+            None => matrix.values,
+        };
+        let mut solver = Sinkhorn::new(values, k, settings.lambda, duals.as_deref())
             .map_err(|e| anyhow!("{}: {e}", ctx()))?
             .with_acceleration(settings.acceleration);
         let report = Reporting {

@@ -538,7 +538,19 @@ pub fn run(args: &Args, world: &SimpleCommunicator) -> anyhow::Result<Summary> {
         },
     )?;
     let quiet = args.out.quiet || rank != 0;
-    let settings = agree(world, Settings::resolve(args))?;
+    let settings = agree(
+        world,
+        Settings::resolve(args).and_then(|s| {
+            if s.neighbours > 0 {
+                bail!(
+                    "assign.neighbours = {} is not supported over MPI (each rank holds only its \
+                     own rows, and the search needs them all); run sela-assign as one process",
+                    s.neighbours
+                );
+            }
+            Ok(s)
+        }),
+    )?;
     let setup = (|| -> anyhow::Result<_> {
         let heads = head_columns(&args.logits, args.column.as_deref())?;
         let warm = read_warm(args)?;

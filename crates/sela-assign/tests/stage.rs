@@ -35,9 +35,23 @@ fn logits(n: usize, k: usize, seed: u64) -> Vec<f32> {
 
 /// A one-part features file with heads of the given sizes.
 fn features(path: &Path, n: usize, heads: &[usize], poison: Option<(usize, usize)>) {
+    let mut per_head: Vec<Vec<f32>> = heads
+        .iter()
+        .enumerate()
+        .map(|(h, &k)| logits(n, k, h as u64))
+        .collect();
+    if let Some((row, col)) = poison {
+        per_head[0][row * heads[0] + col] = f32::NAN;
+    }
+    write_features(path, &vec![0f32; 2 * n], 2, heads, &per_head);
+}
+
+/// A one-part features file of `embedding` (n×dim) and one logits matrix per head; ids 1000….
+fn write_features(path: &Path, emb: &[f32], dim: usize, heads: &[usize], per_head: &[Vec<f32>]) {
+    let n = emb.len() / dim;
     let info = FeaturesInfo {
         layout: FeaturesLayout {
-            embedding_dim: 2,
+            embedding_dim: dim,
             head_sizes: heads.to_vec(),
         },
         dataset: "data.parquet".into(),
@@ -52,17 +66,8 @@ fn features(path: &Path, n: usize, heads: &[usize], poison: Option<(usize, usize
     )
     .unwrap();
     let ids: Vec<u64> = (0..n as u64).map(|i| 1000 + i).collect();
-    let emb = vec![0f32; 2 * n];
-    let mut per_head: Vec<Vec<f32>> = heads
-        .iter()
-        .enumerate()
-        .map(|(h, &k)| logits(n, k, h as u64))
-        .collect();
-    if let Some((row, col)) = poison {
-        per_head[0][row * heads[0] + col] = f32::NAN;
-    }
     let refs: Vec<&[f32]> = per_head.iter().map(|v| v.as_slice()).collect();
-    w.push(&ids, &emb, &refs).unwrap();
+    w.push(&ids, emb, &refs).unwrap();
     w.finish().unwrap();
 }
 
@@ -79,6 +84,7 @@ fn read_stats(path: &Path) -> AssignStats {
 }
 
 fn without_seconds(mut s: AssignStats) -> AssignStats {
+    s.neighbour_seconds = 0.0;
     for h in &mut s.heads {
         h.seconds = 0.0;
     }
@@ -188,6 +194,85 @@ fn an_analysts_column_is_solved_as_head_zero() {
     let stats = read_stats(&dir.path().join("assign-stats.json"));
     assert_eq!(stats.heads[0].column, "z");
     assert!(stats.exact_balance);
+
+    // Neighbours need the embedding column, which this file lacks: a clear error, and the
+    // labels already written stay as they were.
+    let before = std::fs::read(&out).unwrap();
+    let list = ["--logits", p(&file), "--column", "z", "--output", p(&out)];
+    let err = run(&args(&[&list[..], &["-q", "--neighbours", "3"]].concat())).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("mine.parquet") && msg.contains("embedding"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+}
+
+#[test]
+fn neighbour_averaging_repairs_labels_the_embedding_contradicts() {
+    // 400 rows of two hidden classes, c = i mod 2. The embedding separates them (directions
+    // near (1, 0) and (0, 1)); the head's logits point to the wrong class on every fifth row.
+    // Solved alone those rows are mislabelled (80% agree with c); averaged over 15 embedding
+    // neighbours, where their class holds the majority, every row agrees.
+    let dir = tempfile::tempdir().unwrap();
+    let feats = dir.path().join("features.parquet");
+    let n = 400;
+    let class = |i: usize| i % 2;
+    let emb: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            let wobble = 0.3 * noise(i, 0, 5);
+            if class(i) == 0 {
+                [1.0, wobble]
+            } else {
+                [wobble, 1.0]
+            }
+        })
+        .collect();
+    let head: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            let said = if i % 5 == 0 { 1 - class(i) } else { class(i) };
+            (0..2).map(move |j| if j == said { 1.0 } else { 0.0 } + 0.1 * noise(i, j, 3))
+        })
+        .collect();
+    write_features(&feats, &emb, 2, &[2], &[head]);
+    let out = dir.path().join("labels.parquet");
+    let agreement = || {
+        let labels = &labels::read(&out).unwrap().heads[&0].labels;
+        let same = (0..n).filter(|&i| labels[i] as usize == class(i)).count();
+        same.max(n - same) as f64 / n as f64
+    };
+    let base = ["--logits", p(&feats), "--output", p(&out), "-q"];
+
+    run(&args(&base)).unwrap();
+    assert_eq!(agreement(), 0.8);
+    assert_eq!(
+        read_stats(&dir.path().join("assign-stats.json")).neighbours,
+        0
+    );
+
+    run(&args(&[&base[..], &["--neighbours", "15"]].concat())).unwrap();
+    assert_eq!(agreement(), 1.0);
+    let s = read_stats(&dir.path().join("assign-stats.json"));
+    assert_eq!(s.neighbours, 15);
+    assert!(s.heads[0].converged);
+
+    // Past `--neighbours-until-round` the run solves the head's own probabilities, bit for
+    // bit as without neighbours (provenance aside: compare the labels).
+    let until = ["--neighbours", "15", "--neighbours-until-round", "4"];
+    run(&args(&[&base[..], &until, &["--round", "4"]].concat())).unwrap();
+    assert_eq!(agreement(), 1.0);
+    run(&args(&[&base[..], &until, &["--round", "5"]].concat())).unwrap();
+    assert_eq!(
+        read_stats(&dir.path().join("assign-stats.json")).neighbours,
+        0
+    );
+    let read = labels::read(&out).unwrap();
+    let plain = dir.path().join("plain.parquet");
+    run(&args(&["--logits", p(&feats), "--output", p(&plain), "-q"])).unwrap();
+    assert_eq!(
+        read.heads[&0].labels,
+        labels::read(&plain).unwrap().heads[&0].labels
+    );
 }
 
 #[test]

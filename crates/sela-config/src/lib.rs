@@ -150,6 +150,20 @@ pub struct AssignSection {
     /// Column updates between sweeps: `anderson` (Anderson acceleration, memory 5),
     /// `anderson:<memory>`, or `none` (plain Sinkhorn-Knopp).
     pub acceleration: String,
+    /// Solve each head on its probabilities averaged over every training image's `neighbours`
+    /// nearest training images in the embedding (cosine, itself included); 0 solves the head's
+    /// own probabilities. Left out of the config hash when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub neighbours: usize,
+    /// With `neighbours`: the last round whose labels are solved on neighbour-averaged
+    /// probabilities (later rounds solve the heads' own); unset, every round. Left out of the
+    /// config hash when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub neighbours_until_round: Option<u32>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Default for AssignSection {
@@ -162,6 +176,8 @@ impl Default for AssignSection {
             exact_balance: false,
             warm_start: true,
             acceleration: "anderson".to_string(),
+            neighbours: 0,
+            neighbours_until_round: None,
         }
     }
 }
@@ -680,6 +696,28 @@ heads = [10]
                 .to_string();
             assert!(msg.contains(wanted), "{set}: {msg}");
         }
+    }
+
+    #[test]
+    fn neighbour_averaging_defaults_off_and_keeps_old_hashes() {
+        let (_d, path) = write(MINIMAL);
+        let plain = PipelineConfig::load(&path).unwrap();
+        assert_eq!(
+            (plain.assign.neighbours, plain.assign.neighbours_until_round),
+            (0, None)
+        );
+        let off = PipelineConfig::load_with(&path, &["assign.neighbours=0".into()]).unwrap();
+        assert_eq!(plain.hash(), off.hash());
+        let set = [
+            "assign.neighbours=50".into(),
+            "assign.neighbours_until_round=4".into(),
+        ];
+        let on = PipelineConfig::load_with(&path, &set).unwrap();
+        assert_eq!(
+            (on.assign.neighbours, on.assign.neighbours_until_round),
+            (50, Some(4))
+        );
+        assert_ne!(plain.hash(), on.hash());
     }
 
     #[test]

@@ -99,6 +99,9 @@ const KEYS: &[(&str, &[&str])] = &[
             "prior",
             "exact_balance",
             "warm_start",
+            "acceleration",
+            "neighbours",
+            "neighbours_until_round",
         ],
     ),
     (

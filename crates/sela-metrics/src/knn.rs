@@ -88,6 +88,37 @@ pub fn knn_classify(
         .collect()
 }
 
+/// The `k` nearest bank rows of every query row by cosine similarity, most similar first (ties
+/// to the earlier bank row); `k` beyond the bank gives the whole bank. A query that is also in
+/// the bank finds itself first unless an earlier row points the same way.
+///
+/// Exact: every query is compared with every bank row, in the same fixed blocks as
+/// [`knn_classify`], so the result does not depend on the number of threads.
+///
+/// # Panics
+/// When `dim` is 0 or a slice is not a whole number of rows.
+pub fn nearest_neighbours(bank: &[f32], queries: &[f32], dim: usize, k: usize) -> Vec<Vec<u32>> {
+    assert!(dim > 0, "nearest_neighbours: dim must be positive");
+    assert_eq!(
+        bank.len() % dim,
+        0,
+        "nearest_neighbours: bank is not n×{dim}"
+    );
+    assert_eq!(
+        queries.len() % dim,
+        0,
+        "nearest_neighbours: queries are not q×{dim}"
+    );
+    let k = k.min(bank.len() / dim);
+    let bank = normalized(bank, dim);
+    let queries = normalized(queries, dim);
+    queries
+        .par_chunks(QUERY_BLOCK * dim)
+        .flat_map_iter(|block| nearest(block, &bank, dim, k))
+        .map(|nb| nb.into_iter().map(|(_, i)| i).collect())
+        .collect()
+}
+
 /// Share of positions where `pred` equals `truth` (1.0 when empty).
 pub fn accuracy(pred: &[u32], truth: &[u32]) -> f64 {
     assert_eq!(pred.len(), truth.len(), "accuracy: lengths differ");
@@ -321,6 +352,22 @@ mod tests {
             for (w, h) in all[..k].iter().zip(nb) {
                 assert!((w.0 - h.0).abs() < 1e-5, "query {qi}: {want:?} vs {have:?}");
             }
+        }
+    }
+
+    #[test]
+    fn nearest_neighbours_ranks_by_cosine() {
+        // Against the bank above: from (1, 0.1) the order is (1,0), (1,1), (0,1), (-1,0); from
+        // (0.1, -3) it is (1,0) at 0.033, (-1,0) at -0.033, (1,1) at -0.683, (0,1) at -0.999.
+        let got = nearest_neighbours(&BANK, &[1.0, 0.1, 0.1, -3.0], 2, 3);
+        assert_eq!(got, vec![vec![0, 2, 1], vec![0, 3, 2]]);
+        // Each bank row finds itself first; k beyond the bank keeps every row once.
+        let own = nearest_neighbours(&BANK, &BANK, 2, 10);
+        for (i, nb) in own.iter().enumerate() {
+            assert_eq!(nb[0] as usize, i);
+            let mut sorted = nb.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, vec![0, 1, 2, 3]);
         }
     }
 

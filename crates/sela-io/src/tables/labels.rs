@@ -47,6 +47,13 @@ pub struct AssignStats {
     /// Files written before this field existed used plain updates.
     #[serde(default = "plain_updates")]
     pub acceleration: String,
+    /// How many nearest neighbours in the embedding each row's probabilities were averaged over
+    /// before the solve; 0 (also in files written before this field existed): none.
+    #[serde(default)]
+    pub neighbours: usize,
+    /// Wall time of the neighbour search, seconds (0 without one).
+    #[serde(default)]
+    pub neighbour_seconds: f64,
     /// One entry per solved head.
     pub heads: Vec<HeadStats>,
 }
