@@ -660,6 +660,8 @@ fn help_names_the_flags() {
         "--previous",
         "--warm-start",
         "--exact-balance",
+        "--neighbours",
+        "--neighbours-until-round",
         "--strict",
         "--seed",
         "--stats",
