@@ -273,6 +273,22 @@ fn neighbour_averaging_repairs_labels_the_embedding_contradicts() {
         read.heads[&0].labels,
         labels::read(&plain).unwrap().heads[&0].labels
     );
+
+    // The same from the pipeline config, as `make round` runs it.
+    let config = dir.path().join("p.toml");
+    std::fs::write(
+        &config,
+        "[pipeline]\nname = \"t\"\n[data]\ntrain = \"x.parquet\"\nchannels = 1\nheight = 8\n\
+         width = 8\n[model]\nheads = [2]\n[assign]\nneighbours = 15\nneighbours_until_round = 2\n",
+    )
+    .unwrap();
+    for (round, want) in [("2", 1.0), ("3", 0.8)] {
+        run(&args(
+            &[&base[..], &["--config", p(&config), "--round", round]].concat(),
+        ))
+        .unwrap();
+        assert_eq!(agreement(), want, "round {round}");
+    }
 }
 
 #[test]
