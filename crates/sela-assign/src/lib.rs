@@ -11,6 +11,9 @@
 //! (`--stats`, default `assign-stats.json` beside the labels), which a later round can
 //! warm-start from (`--warm-start`). Everything is deterministic except the `seconds` fields.
 //!
+//! With `--neighbours` (config `assign.neighbours`) each head is solved on its softmax averaged
+//! over every row's nearest rows in the `embedding` column instead ([`neighbours`]).
+//!
 //! Fewer rows than clusters (N < K) is an error: an equipartition would leave clusters empty.
 
 #[cfg(feature = "mpi")]
@@ -29,9 +32,9 @@ use sela_io::labels::{self, AssignStats, HeadLabels, HeadStats};
 use sela_io::table::TableFile;
 use sela_io::{FileMeta, Provenance};
 use sela_sinkhorn::{Acceleration, Assignment, Reduce, Sinkhorn, Solution};
+use serde::Serialize;
 
 use crate::neighbours::Neighbours;
-use serde::Serialize;
 
 /// Command-line flags of `sela-assign`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -84,10 +87,10 @@ pub struct Args {
     /// assign.acceleration, default anderson].
     #[arg(long, value_name = "SPEC")]
     pub acceleration: Option<Acceleration>,
-    /// Solve each head on its probabilities averaged over every row's N nearest rows in the
-    /// `embedding` column (cosine similarity, itself included); 0 solves the head's own
+    /// Solve each head on its probabilities averaged over every row's COUNT nearest rows in
+    /// the `embedding` column (cosine similarity, itself included); 0 solves the head's own
     /// [config assign.neighbours, default 0].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "COUNT")]
     pub neighbours: Option<usize>,
     /// The last round (--round) solved on neighbour-averaged probabilities; later rounds solve
     /// the heads' own. Without --round every run averages [config
