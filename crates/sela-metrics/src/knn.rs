@@ -60,14 +60,7 @@ pub fn knn_classify(
         "knn: temperature must be positive"
     );
     let k_max = params.ks.iter().copied().max().unwrap_or(0).min(n);
-
-    let bank = normalized(bank, dim);
-    let queries = normalized(queries, dim);
-
-    let neighbours: Vec<Vec<(f32, u32)>> = queries
-        .par_chunks(QUERY_BLOCK * dim)
-        .flat_map_iter(|block| nearest(block, &bank, dim, k_max))
-        .collect();
+    let neighbours = ranked(bank, queries, dim, k_max);
 
     params
         .ks
@@ -109,13 +102,20 @@ pub fn nearest_neighbours(bank: &[f32], queries: &[f32], dim: usize, k: usize) -
         0,
         "nearest_neighbours: queries are not q×{dim}"
     );
-    let k = k.min(bank.len() / dim);
+    ranked(bank, queries, dim, k.min(bank.len() / dim))
+        .into_iter()
+        .map(|nb| nb.into_iter().map(|(_, i)| i).collect())
+        .collect()
+}
+
+/// Each query's `k` (≤ bank rows) most similar bank rows by cosine similarity, best first, with
+/// their similarities: both sides L2-normalised, queries in parallel blocks.
+fn ranked(bank: &[f32], queries: &[f32], dim: usize, k: usize) -> Vec<Vec<(f32, u32)>> {
     let bank = normalized(bank, dim);
     let queries = normalized(queries, dim);
     queries
         .par_chunks(QUERY_BLOCK * dim)
         .flat_map_iter(|block| nearest(block, &bank, dim, k))
-        .map(|nb| nb.into_iter().map(|(_, i)| i).collect())
         .collect()
 }
 

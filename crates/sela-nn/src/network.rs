@@ -96,13 +96,18 @@ struct Plan {
     blocks: Vec<BlockL>,
     heads: Vec<HeadL>,
     d: usize,
-    /// The last stage's output, pooled globally: the heads' input.
-    last: PoolShape,
-    /// Per stage: the index of its last block and the shape of its output.
+    /// Per stage: the index of its last block and the shape of its output (pooled globally).
     stages: Vec<(usize, PoolShape)>,
     /// Values per image of each activation id.
     act_len: Vec<usize>,
     bn_count: usize,
+}
+
+impl Plan {
+    /// The last stage's output pooled globally: the heads' input.
+    fn heads_pool(&self) -> PoolShape {
+        self.stages.last().expect("a backbone has stages").1
+    }
 }
 
 struct Builder {
@@ -284,12 +289,6 @@ fn build(spec: &ModelSpec) -> (Plan, Vec<Param>, Vec<Param>) {
         blocks,
         heads,
         d,
-        last: PoolShape {
-            c: cin,
-            h,
-            w,
-            grid: 1,
-        },
         stages,
         act_len: b.act_len,
         bn_count: b.bn_count,
@@ -527,7 +526,7 @@ impl Network {
                 }
             }
             emb_chunk.fill(0.0);
-            plan.last.pool(&a, m, &mut emb_chunk[..m * d]);
+            plan.heads_pool().pool(&a, m, &mut emb_chunk[..m * d]);
             if heads_input {
                 embedding[start * d..(start + m) * d].copy_from_slice(&emb_chunk[..m * d]);
             }
@@ -749,7 +748,7 @@ impl Network {
         }
         let d = plan.d;
         let mut emb = std::mem::take(&mut self.work.emb);
-        plan.last.pool(&self.work.acts[a_in], n, &mut emb);
+        plan.heads_pool().pool(&self.work.acts[a_in], n, &mut emb);
         let heads = plan.heads.len();
         let mut head_losses = Vec::with_capacity(heads);
         for (h, hl) in plan.heads.iter().enumerate() {
@@ -794,7 +793,8 @@ impl Network {
                 Mat::rows(&self.params[hl.w].data, d),
             );
         }
-        let p = plan.last.h * plan.last.w;
+        let last = plan.heads_pool();
+        let p = last.h * last.w;
         let scale = 1.0 / p as f32;
         self.work.grads[a_in]
             .par_chunks_mut(d * p)
