@@ -5,6 +5,8 @@
 #   make report             rebuild the run's HTML report
 #   make table              print the run's headline metrics per round
 #   make clean-run          delete the run's outputs and start over
+#   make round SEED=1       the same with another seed, in its own run (runs/<name>-seed1)
+#   make compare RUNS=...   runs of one pipeline side by side, with mean and standard deviation
 #   make test               build and run every test (fetches what the tests need)
 #   make data               fetch Fashion-MNIST (Debian package) and ingest all 60k/10k images
 #
@@ -20,7 +22,10 @@ SHELL := /bin/bash
 
 PIPELINE ?= pipelines/default.toml
 NAME := $(shell sed -n 's/^name *= *"\(.*\)"/\1/p' $(PIPELINE) | head -n 1)
-RUN ?= runs/$(NAME)
+# SEED replaces the config's pipeline.seed (through every stage's --set, so it is stamped into
+# the config hash) and gives the run its own directory.
+SEED ?=
+RUN ?= runs/$(NAME)$(if $(SEED),-seed$(SEED))
 TRAIN_DATA := $(shell sed -n 's/^train *= *"\(.*\)"/\1/p' $(PIPELINE) | head -n 1)
 TEST_DATA := $(shell sed -n 's/^test *= *"\(.*\)"/\1/p' $(PIPELINE) | head -n 1)
 SHARDS ?= 1
@@ -30,7 +35,7 @@ PROFILE ?= release
 # Where the stage binaries are (cargo's dev profile builds into target/debug).
 BIN ?= $(or $(CARGO_TARGET_DIR),target)/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 QUIET ?=
-STAGE_FLAGS := --config $(PIPELINE) $(QUIET)
+STAGE_FLAGS := --config $(PIPELINE) $(if $(SEED),--set pipeline.seed=$(SEED)) $(QUIET)
 
 # The highest round whose evaluation is done, and the next one.
 DONE := $(shell ls -d $(RUN)/round-*/eval.json 2>/dev/null | sed 's|.*/round-0*\([0-9][0-9]*\)/eval.json|\1|' | sort -n | tail -n 1)
@@ -41,7 +46,7 @@ round_dir = $(RUN)/round-$(call pad,$(1))
 shard_ids := $(shell seq 0 $$(( $(SHARDS) - 1 )))
 parts = $(foreach i,$(shard_ids),$(1)/part-$(shell printf '%05d' $(i))-of-$(shell printf '%05d' $(SHARDS)).parquet)
 
-.PHONY: round rounds report table clean-run build test lint data data-raw data-mini bench bench-sinkhorn bench-train bench-quality check-interop
+.PHONY: round rounds report table compare clean-run build test lint data data-raw data-mini bench bench-sinkhorn bench-train bench-quality check-interop
 
 # The first call evaluates round 0 before it starts round 1 (so metric times follow the rounds).
 round: $(if $(filter 1,$(NEXT)),$(call round_dir,0)/eval.json) $(call round_dir,$(NEXT))/eval.json $(RUN)/report.html
@@ -183,10 +188,30 @@ bench-train:
 bench-mpi: mpi-deps
 	$(CARGO) bench -p sela-assign --features mpi --bench mpi_scaling
 
+# SEEDS="0 1 2" runs the benchmark once per seed (runs/fashion-mnist-seed<s>) and prints the runs
+# side by side with their mean and standard deviation; without it, one run with the config's seed.
+SEEDS ?=
+QUALITY := pipelines/fashion-mnist.toml
+QUALITY_ROUNDS = $$(sed -n 's/^rounds *= *\([0-9]*\)/\1/p' $(QUALITY))
 bench-quality: data
-	$(MAKE) clean-run PIPELINE=pipelines/fashion-mnist.toml
-	time $(MAKE) rounds PIPELINE=pipelines/fashion-mnist.toml N=$$(sed -n 's/^rounds *= *\([0-9]*\)/\1/p' pipelines/fashion-mnist.toml)
-	$(MAKE) --no-print-directory table PIPELINE=pipelines/fashion-mnist.toml
+ifeq ($(strip $(SEEDS)),)
+	$(MAKE) clean-run PIPELINE=$(QUALITY)
+	time $(MAKE) rounds PIPELINE=$(QUALITY) N=$(QUALITY_ROUNDS)
+	$(MAKE) --no-print-directory table PIPELINE=$(QUALITY)
+else
+	for s in $(SEEDS); do \
+	  $(MAKE) clean-run PIPELINE=$(QUALITY) SEED=$$s && \
+	  time $(MAKE) rounds PIPELINE=$(QUALITY) SEED=$$s N=$(QUALITY_ROUNDS) && \
+	  $(MAKE) --no-print-directory table PIPELINE=$(QUALITY) SEED=$$s || exit 1; \
+	done
+	$(MAKE) --no-print-directory compare PIPELINE=$(QUALITY) \
+	  RUNS="$(foreach s,$(SEEDS),runs/$(shell sed -n 's/^name *= *"\(.*\)"/\1/p' $(QUALITY) | head -n 1)-seed$(s))"
+endif
+
+# The final rounds of RUNS (run directories of $(PIPELINE)) side by side, with mean and sd.
+RUNS ?=
+compare: | build
+	@$(BIN)/sela-report $(STAGE_FLAGS) --compare $(or $(RUNS),$(error set RUNS="runs/a runs/b ..."))
 
 # Per round: test-split ACC/NMI/ARI of the best K = 10 head (head 0's K), 20-NN, linear probe, minutes.
 table: | build

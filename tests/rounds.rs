@@ -175,3 +175,96 @@ fn two_rounds_are_complete_deterministic_and_resumable() {
         "a new round started instead of finishing round 2"
     );
 }
+
+/// The headline numbers of `run`'s round 1: head 0's test ACC (the tiny pipeline's only K = 10
+/// head) and the config hash stamped with it.
+fn round_one(run: &Path) -> (f64, String) {
+    let row = metrics::read(&run.join("metrics.parquet"))
+        .unwrap()
+        .into_iter()
+        .find(|m| m.round == 1 && m.split == "test" && m.head == Some(0) && m.metric == "acc")
+        .unwrap();
+    (row.value, row.config_hash)
+}
+
+#[test]
+fn another_seed_is_its_own_run_and_runs_compare_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = tiny_pipeline(dir.path(), "tiny");
+    let config_seed = dir.path().join("runs/config-seed");
+    let seed_12 = dir.path().join("runs/seed-12");
+    check(
+        &make("round", &pipeline, &config_seed, &[]),
+        "make round (the config's seed)",
+    );
+    check(
+        &make("round", &pipeline, &seed_12, &["SEED=12"]),
+        "make round SEED=12",
+    );
+
+    // The seed reaches every stage: another initial network, other labels, another config hash.
+    let (acc_a, hash_a) = round_one(&config_seed);
+    let (acc_b, hash_b) = round_one(&seed_12);
+    assert_ne!(hash_a, hash_b);
+    assert_ne!(
+        std::fs::read(round_dir(&config_seed, 0).join("checkpoint.safetensors")).unwrap(),
+        std::fs::read(round_dir(&seed_12, 0).join("checkpoint.safetensors")).unwrap()
+    );
+    assert_ne!(
+        labels::read(&round_dir(&config_seed, 1).join("labels.parquet"))
+            .unwrap()
+            .heads,
+        labels::read(&round_dir(&seed_12, 1).join("labels.parquet"))
+            .unwrap()
+            .heads
+    );
+
+    // Without RUN, a seed gets its own run directory beside the config's.
+    let dry = std::process::Command::new("make")
+        .arg("-C")
+        .arg(common::repo())
+        .args([
+            "-n",
+            "--no-print-directory",
+            "round",
+            "SEED=5",
+            "CARGO=true",
+        ])
+        .arg(format!("PIPELINE={}", pipeline.display()))
+        .output()
+        .unwrap();
+    check(&dry, "make -n round SEED=5");
+    let plan = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        plan.contains("runs/tiny-seed5/round-000/checkpoint.safetensors")
+            && plan.contains("--set pipeline.seed=5"),
+        "{plan}"
+    );
+
+    // `make compare` prints both runs at round 1 with their mean and standard deviation.
+    let runs = format!("RUNS={} {}", config_seed.display(), seed_12.display());
+    let out = make("compare", &pipeline, &config_seed, &[&runs]);
+    check(&out, "make compare");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let acc_of = |prefix: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line for {prefix}:\n{text}"));
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        cells[cells.len() - 6].parse().unwrap()
+    };
+    assert!(text.contains("round 1"), "{text}");
+    assert_eq!(
+        acc_of(&config_seed.display().to_string()),
+        (acc_a * 1000.0).round() / 1000.0
+    );
+    assert_eq!(
+        acc_of(&seed_12.display().to_string()),
+        (acc_b * 1000.0).round() / 1000.0
+    );
+    let mean = format!("{:.3}", (acc_a + acc_b) / 2.0);
+    assert_eq!(format!("{:.3}", acc_of("mean")), mean, "{text}");
+    let sd = format!("{:.3}", (acc_a - acc_b).abs() / 2f64.sqrt());
+    assert_eq!(format!("{:.3}", acc_of("sd")), sd, "{text}");
+}

@@ -14,8 +14,9 @@
 # Usage: pipelines/slurm/submit-round.sh PIPELINE.toml ROUND [SHARDS]
 # Run from the repository root after `make build` (binaries in $SELA_BIN, default target/release). Outputs land in
 # runs/<pipeline name>/round-RRR/ exactly as `make round` lays them out, so Make and Slurm can
-# take turns on the same run (RUN_DIR overrides runs/<name>). Extra sbatch flags (partition,
-# account, ...) go in SBATCH_FLAGS.
+# take turns on the same run (RUN_DIR overrides runs/<name>). SEED=s replaces the config's
+# pipeline.seed in every stage and makes the run runs/<name>-seed<s>, as `make round SEED=s` does.
+# Extra sbatch flags (partition, account, ...) go in SBATCH_FLAGS.
 set -euo pipefail
 
 pipeline=${1:?usage: submit-round.sh PIPELINE.toml ROUND [SHARDS]}
@@ -26,7 +27,7 @@ export SELA_BIN=${SELA_BIN:-target/release}
 name=$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$pipeline" | head -n 1)
 train_data=$(sed -n 's/^train *= *"\(.*\)"/\1/p' "$pipeline" | head -n 1)
 test_data=$(sed -n 's/^test *= *"\(.*\)"/\1/p' "$pipeline" | head -n 1)
-run=${RUN_DIR:-runs/$name}
+run=${RUN_DIR:-runs/$name${SEED:+-seed$SEED}}
 dir=$run/$(printf 'round-%03d' "$round")
 prev=$run/$(printf 'round-%03d' $((round - 1)))
 mkdir -p "$dir" "$run/slurm-logs"
@@ -34,13 +35,14 @@ mkdir -p "$dir" "$run/slurm-logs"
 submit() { # prints the job id
     sbatch --parsable ${SBATCH_FLAGS:-} --output="$run/slurm-logs/%x-%A_%a.out" "$@"
 }
-export PIPELINE=$pipeline ROUND=$round RUN_DIR=$run ROUND_DIR=$dir PREV_DIR=$prev
+export PIPELINE=$pipeline ROUND=$round RUN_DIR=$run ROUND_DIR=$dir PREV_DIR=$prev SEED=${SEED:-}
+seed_flags=${SEED:+--set pipeline.seed=$SEED}
 
 after=()
 [ -n "${AFTER:-}" ] && after=(--dependency=afterok:"$AFTER")
 if [ "$round" -eq 0 ]; then
     dep=$(submit --job-name=sela-init "${after[@]}" --wrap \
-        "$SELA_BIN/sela-extract --config $pipeline --round 0 --init --checkpoint $dir/checkpoint.safetensors")
+        "$SELA_BIN/sela-extract --config $pipeline $seed_flags --round 0 --init --checkpoint $dir/checkpoint.safetensors")
 else
     mpi=()
     if [ "${SELA_MPI:-0}" = 1 ]; then
@@ -62,5 +64,5 @@ done
 deps=$(IFS=:; echo "${extract_ids[*]}")
 dep=$(submit --job-name=sela-eval --dependency=afterok:"$deps" "$here/eval.sbatch")
 dep=$(submit --job-name=sela-report --dependency=afterok:"$dep" --wrap \
-    "$SELA_BIN/sela-report --config $pipeline --run-dir $run --output $run/report.html")
+    "$SELA_BIN/sela-report --config $pipeline $seed_flags --run-dir $run --output $run/report.html")
 echo "round $round of $name submitted; last job $dep"

@@ -77,6 +77,22 @@ pub fn text_table(config: &PipelineConfig, run_dir: &Path, head: u32) -> Result<
     ))
 }
 
+/// The runs' metrics side by side ([`table::compare`]) at the latest round all of them have, for
+/// the heads of the same K as head `head` in `config` (the runs' shared `model.heads`).
+pub fn compare_table(config: &PipelineConfig, run_dirs: &[PathBuf], head: u32) -> Result<String> {
+    let k = head_size(config, head)?;
+    let runs = run_dirs
+        .iter()
+        .map(|dir| {
+            Ok(table::Run {
+                name: dir.display().to_string(),
+                metrics: read_metrics(dir)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    table::compare(&runs, &config.model.heads, k).map_err(anyhow::Error::msg)
+}
+
 /// K of head `head`, or an error naming the heads the pipeline has.
 fn head_size(config: &PipelineConfig, head: u32) -> Result<usize> {
     match config.model.heads.get(head as usize) {

@@ -21,15 +21,20 @@ struct Args {
     #[command(flatten)]
     pipeline: sela_cli::PipelineArgs,
     /// The run directory: metrics.parquet and the round-RRR/ folders.
-    #[arg(long, value_name = "DIR")]
-    run_dir: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "compare")]
+    run_dir: Option<PathBuf>,
     /// The HTML file to write.
-    #[arg(long, value_name = "PATH", required_unless_present = "table")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["table", "compare"])]
     output: Option<PathBuf>,
     /// Print a per-round text table instead (test split: ACC/NMI/ARI of the best head with the K
     /// of `--head`, 20-NN and linear-probe accuracy, minutes since round 0's evaluation).
     #[arg(long)]
     table: bool,
+    /// Print runs of this pipeline side by side instead (seeds, `--set` overrides): per run the
+    /// table's line at the latest round every run has evaluated, then their mean and sample
+    /// standard deviation.
+    #[arg(long, value_name = "DIR", num_args = 1.., conflicts_with_all = ["run_dir", "table", "output"])]
+    compare: Vec<PathBuf>,
     /// The head whose clusters the heat map and galleries show.
     #[arg(long, default_value_t = 0)]
     head: u32,
@@ -60,10 +65,19 @@ fn parse_floor(s: &str) -> Result<(String, f64), String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if !args.compare.is_empty() {
+        return sela_cli::run_text(|| {
+            let config = args.pipeline.load()?;
+            sela_report::compare_table(&config, &args.compare, args.head)
+        });
+    }
+    let run_dir = args
+        .run_dir
+        .expect("clap requires --run-dir without --compare");
     if args.table {
         return sela_cli::run_text(|| {
             let config = args.pipeline.load()?;
-            sela_report::text_table(&config, &args.run_dir, args.head)
+            sela_report::text_table(&config, &run_dir, args.head)
         });
     }
     sela_cli::run(|| {
@@ -77,7 +91,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|| config.eval.floor_label.clone()),
             floors: floors.into_iter().collect(),
             config,
-            run_dir: args.run_dir,
+            run_dir,
             output: args.output.expect("clap requires --output without --table"),
             head: args.head,
             max_clusters: args.max_clusters,
