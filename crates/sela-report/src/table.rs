@@ -163,8 +163,19 @@ fn mean_sd(values: impl Iterator<Item = Option<f64>>) -> (Option<f64>, Option<f6
 
 /// The runs side by side at the latest round every one of them has evaluated: per run the best
 /// head of size `k` among `head_sizes` and the embedding metrics, then their mean and sample
-/// standard deviation over the runs. Errors when the runs share no evaluated round.
+/// standard deviation over the runs. Errors when the runs share no evaluated round, or a run has
+/// more heads than `head_sizes` (a run of another pipeline).
 pub fn compare(runs: &[Run], head_sizes: &[usize], k: usize) -> Result<String, String> {
+    if let Some((run, head)) = runs.iter().find_map(|r| {
+        let last = r.metrics.iter().filter_map(|m| m.head).max()?;
+        (last as usize >= head_sizes.len()).then_some((r, last))
+    }) {
+        return Err(format!(
+            "{}: its metrics have head {head}, the config's model.heads {head_sizes:?} has {} heads; compare runs of the pipeline given with --config",
+            run.name,
+            head_sizes.len()
+        ));
+    }
     let heads = heads_of_size(head_sizes, k);
     let split = if runs.iter().all(|r| split_of(&r.metrics) == "test") {
         "test"
@@ -353,5 +364,13 @@ mod tests {
             err.contains("late: rounds [5]") && err.contains("a: rounds [0]"),
             "{err}"
         );
+
+        // A run with more heads than the config is a run of another pipeline.
+        let wide = Run {
+            name: "wide".into(),
+            metrics: vec![row(0, Some(3), "acc", 0.3, 0)],
+        };
+        let err = compare(&[run("a", &[0.1]), wide], &[10, 10], 10).unwrap_err();
+        assert!(err.starts_with("wide: its metrics have head 3"), "{err}");
     }
 }
