@@ -5,6 +5,7 @@
 #   make report             rebuild the run's HTML report
 #   make table              print the run's headline metrics per round
 #   make clean-run          delete the run's outputs and start over
+#   make prune              delete finished rounds' features (the run stays up to date)
 #   make round SEED=1       the same with another seed, in its own run (runs/<name>-seed1)
 #   make compare RUNS=...   runs of one pipeline side by side, with mean and standard deviation
 #   make test               build and run every test (fetches what the tests need)
@@ -46,7 +47,7 @@ round_dir = $(RUN)/round-$(call pad,$(1))
 shard_ids := $(shell seq 0 $$(( $(SHARDS) - 1 )))
 parts = $(foreach i,$(shard_ids),$(1)/part-$(shell printf '%05d' $(i))-of-$(shell printf '%05d' $(SHARDS)).parquet)
 
-.PHONY: round rounds report table compare clean-run build test lint data data-raw data-mini bench bench-sinkhorn bench-train bench-quality check-interop
+.PHONY: round rounds report table compare clean-run prune build test lint data data-raw data-mini bench bench-sinkhorn bench-train bench-quality check-interop
 
 # The first call evaluates round 0 before it starts round 1 (so metric times follow the rounds).
 round: $(if $(filter 1,$(NEXT)),$(call round_dir,0)/eval.json) $(call round_dir,$(NEXT))/eval.json $(RUN)/report.html
@@ -60,6 +61,12 @@ report: $(RUN)/report.html
 clean-run:
 	rm -rf $(RUN)
 
+# Every finished round's features but the latest's (the next label step reads those). They are
+# intermediate files to Make: the run stays up to date without them, and a stage that has to run
+# again re-extracts what it reads.
+prune:
+	rm -rf $(foreach r,$(shell seq 0 $$(( $(or $(DONE),0) - 1 ))),$(call round_dir,$(r))/features-train $(call round_dir,$(r))/features-test)
+
 build:
 	$(CARGO) build --profile $(PROFILE) --workspace --bins --quiet
 
@@ -67,6 +74,7 @@ build:
 
 # Features of one split for round $(1): parts of $(2) (train|test) from dataset $(3).
 define FEATURES
+.SECONDARY: $(call parts,$(call round_dir,$(1))/features-$(2))
 $(call parts,$(call round_dir,$(1))/features-$(2)): $(call round_dir,$(1))/features-$(2)/part-%.parquet: $(call round_dir,$(1))/checkpoint.safetensors $(3) $(PIPELINE) | build
 	@mkdir -p $$(@D)
 	$(BIN)/sela-extract $(STAGE_FLAGS) --round $(1) --checkpoint $$< --dataset $(3) --output $$(@D) \

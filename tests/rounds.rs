@@ -268,3 +268,42 @@ fn another_seed_is_its_own_run_and_runs_compare_side_by_side() {
     let sd = format!("{:.3}", (acc_a - acc_b).abs() / 2f64.sqrt());
     assert_eq!(format!("{:.3}", acc_of("sd")), sd, "{text}");
 }
+
+#[test]
+fn pruned_features_leave_the_run_up_to_date() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = tiny_pipeline(dir.path(), "tiny");
+    let pruned = dir.path().join("runs/pruned");
+    let kept = dir.path().join("runs/kept");
+    for run in [&pruned, &kept] {
+        check(&make("rounds", &pipeline, run, &["N=2"]), "make rounds N=2");
+    }
+    check(&make("prune", &pipeline, &pruned, &[]), "make prune");
+    for r in 0..=2 {
+        for split in ["features-train", "features-test"] {
+            assert_eq!(
+                round_dir(&pruned, r).join(split).exists(),
+                r == 2,
+                "round {r} {split}: only the latest round's features are kept"
+            );
+        }
+    }
+
+    // The next round starts from the latest features and extracts nothing for the pruned rounds.
+    check(
+        &make("round", &pipeline, &pruned, &[]),
+        "make round after prune",
+    );
+    check(&make("round", &pipeline, &kept, &[]), "make round");
+    for r in 0..=1 {
+        assert!(!round_dir(&pruned, r).join("features-train").exists());
+    }
+    let round3 = |run: &Path| {
+        let d = round_dir(run, 3);
+        (
+            labels::read(&d.join("labels.parquet")).unwrap().heads,
+            std::fs::read(d.join("checkpoint.safetensors")).unwrap(),
+        )
+    };
+    assert_eq!(round3(&pruned), round3(&kept), "pruning changed round 3");
+}
