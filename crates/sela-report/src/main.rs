@@ -15,7 +15,9 @@ use clap::Parser;
         sela-report --config pipelines/fashion-mnist.toml --run-dir runs/fashion-mnist \\\n      \
             --output runs/fashion-mnist/report.html \\\n      \
             --floor acc=0.559 --floor nmi=0.530 --floor ari=0.388 \\\n      \
-            --floor knn20_acc=0.842 --floor linear_probe_acc=0.834"
+            --floor knn20_acc=0.842 --floor linear_probe_acc=0.834\n  \
+        sela-report --config pipelines/fashion-mnist.toml \\\n      \
+            --compare runs/fashion-mnist-seed0 runs/fashion-mnist-seed1 runs/fashion-mnist-seed2"
 )]
 struct Args {
     #[command(flatten)]
@@ -35,7 +37,8 @@ struct Args {
     /// standard deviation.
     #[arg(long, value_name = "DIR", num_args = 1.., conflicts_with_all = ["run_dir", "table", "output"])]
     compare: Vec<PathBuf>,
-    /// The head whose clusters the heat map and galleries show.
+    /// The head whose clusters the heat map and galleries show (`--table` and `--compare`: the
+    /// best head with its K).
     #[arg(long, default_value_t = 0)]
     head: u32,
     /// A reference value drawn with a metric, e.g. `--floor knn20_acc=0.842` (repeatable;
