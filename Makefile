@@ -8,6 +8,7 @@
 #   make prune              delete finished rounds' features (the run stays up to date)
 #   make round SEED=1       the same with another seed, in its own run (runs/<name>-seed1)
 #   make compare RUNS=...   runs of one pipeline side by side, with mean and standard deviation
+#                           (SEEDS="0 1 2": the runs of those seeds)
 #   make test               build and run every test (fetches what the tests need)
 #   make data               fetch Fashion-MNIST (Debian package) and ingest all 60k/10k images
 #
@@ -212,14 +213,14 @@ else
 	  time $(MAKE) rounds PIPELINE=$(QUALITY) SEED=$$s N=$(QUALITY_ROUNDS) && \
 	  $(MAKE) --no-print-directory table PIPELINE=$(QUALITY) SEED=$$s || exit 1; \
 	done
-	$(MAKE) --no-print-directory compare PIPELINE=$(QUALITY) \
-	  RUNS="$(foreach s,$(SEEDS),runs/$(shell sed -n 's/^name *= *"\(.*\)"/\1/p' $(QUALITY) | head -n 1)-seed$(s))"
+	$(MAKE) --no-print-directory compare PIPELINE=$(QUALITY) SEEDS="$(SEEDS)"
 endif
 
-# The final rounds of RUNS (run directories of $(PIPELINE)) side by side, with mean and sd.
-RUNS ?=
+# The final rounds of RUNS (run directories of $(PIPELINE); default: those of SEEDS) side by
+# side, with mean and sd.
+RUNS ?= $(foreach s,$(SEEDS),runs/$(NAME)-seed$(s))
 compare: | build
-	@$(BIN)/sela-report $(STAGE_FLAGS) --compare $(or $(RUNS),$(error set RUNS="runs/a runs/b ..."))
+	@$(BIN)/sela-report $(STAGE_FLAGS) --compare $(or $(strip $(RUNS)),$(error set RUNS="runs/a runs/b ..." or SEEDS="0 1 2"))
 
 # Per round: test-split ACC/NMI/ARI of the best K = 10 head (head 0's K), 20-NN, linear probe, minutes.
 table: | build

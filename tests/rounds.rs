@@ -219,25 +219,29 @@ fn another_seed_is_its_own_run_and_runs_compare_side_by_side() {
             .heads
     );
 
-    // Without RUN, a seed gets its own run directory beside the config's.
-    let dry = std::process::Command::new("make")
-        .arg("-C")
-        .arg(common::repo())
-        .args([
-            "-n",
-            "--no-print-directory",
-            "round",
-            "SEED=5",
-            "CARGO=true",
-        ])
-        .arg(format!("PIPELINE={}", pipeline.display()))
-        .output()
-        .unwrap();
-    check(&dry, "make -n round SEED=5");
-    let plan = String::from_utf8_lossy(&dry.stdout);
+    // Without RUN, a seed gets its own run directory beside the config's, and SEEDS names those
+    // directories for `make compare`.
+    let dry_run = |args: &[&str]| {
+        let out = std::process::Command::new("make")
+            .arg("-C")
+            .arg(common::repo())
+            .args(["-n", "--no-print-directory", "CARGO=true"])
+            .args(args)
+            .arg(format!("PIPELINE={}", pipeline.display()))
+            .output()
+            .unwrap();
+        check(&out, &format!("make -n {args:?}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let plan = dry_run(&["round", "SEED=5"]);
     assert!(
         plan.contains("runs/tiny-seed5/round-000/checkpoint.safetensors")
             && plan.contains("--set pipeline.seed=5"),
+        "{plan}"
+    );
+    let plan = dry_run(&["compare", "SEEDS=5 6"]);
+    assert!(
+        plan.contains("--compare runs/tiny-seed5 runs/tiny-seed6"),
         "{plan}"
     );
 

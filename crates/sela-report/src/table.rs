@@ -194,18 +194,17 @@ pub fn compare(runs: &[Run], head_sizes: &[usize], k: usize) -> Result<String, S
             round_lines(&on_split, &heads)
         })
         .collect();
-    let shared = per_run.iter().skip(1).fold(
-        per_run
-            .first()
-            .map(|lines| lines.iter().map(|l| l.round).collect::<Vec<u32>>())
-            .unwrap_or_default(),
-        |acc, lines| {
-            acc.into_iter()
-                .filter(|r| lines.iter().any(|l| l.round == *r))
-                .collect()
-        },
-    );
-    let Some(&round) = shared.last() else {
+    let mut shared = per_run
+        .first()
+        .into_iter()
+        .flatten()
+        .map(|l| l.round)
+        .filter(|r| {
+            per_run
+                .iter()
+                .all(|lines| lines.iter().any(|l| l.round == *r))
+        });
+    let Some(round) = shared.next_back() else {
         let reached: Vec<String> = runs
             .iter()
             .zip(&per_run)
