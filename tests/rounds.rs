@@ -311,3 +311,55 @@ fn pruned_features_leave_the_run_up_to_date() {
     };
     assert_eq!(round3(&pruned), round3(&kept), "pruning changed round 3");
 }
+
+#[test]
+fn a_spectral_round_reads_its_labels_off_the_embedding_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = tiny_pipeline(dir.path(), "tiny");
+    let mut config = std::fs::read_to_string(&pipeline).unwrap();
+    config.push_str("\n[assign]\nspectral = 5\nspectral_from_round = 2\n");
+    std::fs::write(&pipeline, config).unwrap();
+    let run = dir.path().join("runs/spectral");
+    check(
+        &make("rounds", &pipeline, &run, &["N=2"]),
+        "make rounds N=2",
+    );
+
+    let stats = |r: u32| -> labels::AssignStats {
+        let text = std::fs::read(round_dir(&run, r).join("assign-stats.json")).unwrap();
+        serde_json::from_slice(&text).unwrap()
+    };
+    // Round 1 solves the heads; round 2 reads every head's labels off the graph.
+    let first = stats(1);
+    assert!(first.spectral.is_none());
+    assert!(first.heads.iter().all(|h| h.path != "spectral"));
+    let second = stats(2);
+    let graph = second.spectral.as_ref().expect("round 2 is spectral");
+    assert_eq!(graph.neighbours, 5);
+    assert_eq!(graph.eigenvalues.len(), 10, "the largest head has K = 10");
+    for h in &second.heads {
+        assert_eq!(h.path, "spectral");
+        assert!(h.log_beta.is_empty() && h.churn_fraction.is_none());
+        assert!(h.churn_nmi.is_some(), "churn NMI against round 1");
+    }
+    let read = labels::read(&round_dir(&run, 2).join("labels.parquet")).unwrap();
+    for (head, k) in [(0u32, 10u32), (1, 4)] {
+        let l = &read.heads[&head].labels;
+        assert!(l.iter().all(|&c| c < k));
+        let used: std::collections::BTreeSet<_> = l.iter().collect();
+        assert_eq!(used.len(), k as usize, "head {head} uses all its clusters");
+    }
+
+    // The round trains and evaluates on those labels like any other; the metrics carry no
+    // Sinkhorn iteration count for it.
+    let rows = metrics::read(&run.join("metrics.parquet")).unwrap();
+    let of = |round: u32, name: &str| {
+        rows.iter()
+            .filter(|m| m.round == round && m.metric == name)
+            .count()
+    };
+    assert_eq!(of(2, "sinkhorn_iterations"), 0);
+    assert_eq!(of(1, "sinkhorn_iterations"), 2);
+    assert_eq!(of(2, "label_churn_nmi"), 2);
+    assert!(of(2, "acc") > 0 && run.join("report.html").is_file());
+}

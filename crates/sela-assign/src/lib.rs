@@ -14,11 +14,16 @@
 //! With `--neighbours` (config `assign.neighbours`) each head is solved on its softmax averaged
 //! over every row's nearest rows in the `embedding` column instead ([`neighbours`]).
 //!
+//! With `--spectral` (config `assign.spectral`) the heads are not solved: every head with K
+//! outputs is labelled with the K-way spectral clustering of the `embedding` column's nearest-
+//! neighbour graph ([`sela_spectral`]), computed once for all heads.
+//!
 //! Fewer rows than clusters (N < K) is an error: an equipartition would leave clusters empty.
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod neighbours;
+pub mod spectral;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +40,7 @@ use sela_sinkhorn::{Acceleration, Assignment, Reduce, Sinkhorn, Solution};
 use serde::Serialize;
 
 use crate::neighbours::Neighbours;
+use crate::spectral::{SpectralLabels, SPECTRAL_PATH};
 
 /// Command-line flags of `sela-assign`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -45,13 +51,18 @@ use crate::neighbours::Neighbours;
     long_about = "Self-labels by optimal transport. For each head, finds Q = diag(α)·P^λ·diag(β) \
         with row sums 1/N and column sums given by the prior (uniform by default), where \
         P^λ ∝ exp(λ·(z − rowmax)), and labels each row with the argmax of its row of Q.\n\n\
-        Requires N ≥ K (at least as many rows as clusters); fewer rows is an error.",
+        Requires N ≥ K (at least as many rows as clusters); fewer rows is an error.\n\n\
+        With --spectral, no head is solved: each head with K outputs is labelled with the K-way \
+        spectral clustering of the graph joining every row to its nearest rows in the \
+        `embedding` column.",
     after_help = "Examples:\n  \
         sela-assign --logits runs/m/round-000/features-train \\\n    \
         --output runs/m/round-001/labels.parquet --config pipelines/m.toml --round 1 \\\n    \
         --warm-start runs/m/round-000/assign-stats.json\n  \
         sela-assign --logits mine.parquet --column z --output labels.parquet \\\n    \
-        --lambda 50 --exact-balance"
+        --lambda 50 --exact-balance\n  \
+        sela-assign --logits runs/m/round-012/features-train --spectral 10 \\\n    \
+        --output runs/m/round-013/labels.parquet"
 )]
 pub struct Args {
     /// Logits: a Parquet file, a directory of part files, or a glob.
@@ -97,6 +108,19 @@ pub struct Args {
     /// assign.neighbours_until_round, default every round].
     #[arg(long, value_name = "ROUND")]
     pub neighbours_until_round: Option<u32>,
+    /// Label every head with K outputs by the K-way spectral clustering of the graph joining
+    /// each row to its COUNT nearest rows in the `embedding` column (cosine, itself included)
+    /// instead of solving it; 0 solves the heads [config assign.spectral, default 0].
+    #[arg(long, value_name = "COUNT")]
+    pub spectral: Option<usize>,
+    /// The first round (--round) labelled by --spectral; earlier rounds solve the heads.
+    /// Without --round every run is [config assign.spectral_from_round, default every round].
+    #[arg(long, value_name = "ROUND")]
+    pub spectral_from_round: Option<u32>,
+    /// With --spectral: only these heads (comma-separated indices) are labelled by it; the
+    /// others are solved [config assign.spectral_heads, default every head].
+    #[arg(long, value_name = "H,…", value_delimiter = ',')]
+    pub spectral_heads: Option<Vec<u32>>,
     /// Round to exactly balanced hard labels (sizes ⌊N/K⌋ or ⌈N/K⌉), by confidence
     /// [or config assign.exact_balance].
     #[arg(long)]
@@ -231,6 +255,10 @@ pub struct Settings {
     pub seed: u64,
     /// Nearest neighbours each row's probabilities are averaged over in this run (0: none).
     pub neighbours: usize,
+    /// Nearest neighbours of the spectral graph in this run (0: the heads are solved).
+    pub spectral: usize,
+    /// The heads labelled by the spectral clustering (`None`: every head).
+    pub spectral_heads: Option<Vec<u32>>,
     /// Round stamped into provenance.
     pub round: Option<u32>,
     /// Hash of the pipeline config, when one was given.
@@ -262,12 +290,30 @@ impl Settings {
             (Some(last), Some(round)) => round <= last,
             _ => true,
         };
+        let from = args.spectral_from_round.or(d.spectral_from_round);
+        let spectral_round = match (from, args.pipeline.round) {
+            (Some(first), Some(round)) => round >= first,
+            _ => true,
+        };
+        let spectral = if spectral_round {
+            args.spectral.unwrap_or(d.spectral)
+        } else {
+            0
+        };
+        if spectral == 1 {
+            bail!(
+                "assign.spectral = 1 joins every row only to itself; the spectral graph needs at \
+                 least 2 nearest rows (e.g. 10)"
+            );
+        }
         Ok(Settings {
             neighbours: if this_round {
                 args.neighbours.unwrap_or(d.neighbours)
             } else {
                 0
             },
+            spectral,
+            spectral_heads: args.spectral_heads.clone().or(d.spectral_heads),
             acceleration,
             lambda,
             tol: args.tol.unwrap_or(d.tol),
@@ -339,6 +385,10 @@ fn warm_duals(
     let Some(h) = stats.heads.iter().find(|h| h.head == head) else {
         return Ok(None);
     };
+    if h.log_beta.is_empty() && h.path == SPECTRAL_PATH {
+        // Spectral labels have no duals: start cold.
+        return Ok(None);
+    }
     if h.k != k || h.log_beta.len() != k {
         bail!(
             "{}: head {head} has K = {} ({} duals) in the warm-start statistics, but its logits \
@@ -400,6 +450,7 @@ pub(crate) fn empty_stats(settings: &Settings) -> AssignStats {
         acceleration: settings.acceleration.to_string(),
         neighbours: 0,
         neighbour_seconds: 0.0,
+        spectral: None,
         heads: Vec::new(),
     }
 }
@@ -608,6 +659,54 @@ pub fn run(args: &Args) -> anyhow::Result<Summary> {
     } else {
         None
     };
+    let is_spectral = |head: u32| {
+        settings.spectral > 0
+            && settings
+                .spectral_heads
+                .as_ref()
+                .is_none_or(|list| list.contains(&head))
+    };
+    if let Some(list) = &settings.spectral_heads {
+        if let Some(h) = list
+            .iter()
+            .find(|h| !heads.iter().any(|(head, _)| head == *h))
+        {
+            let have: Vec<String> = heads.iter().map(|(h, _)| h.to_string()).collect();
+            bail!(
+                "{}: --spectral-heads names head {h}, but the logits hold heads {}",
+                args.logits.display(),
+                have.join(", ")
+            );
+        }
+    }
+    let mut spectral = if heads.iter().any(|(h, _)| is_spectral(*h)) {
+        let max_k = heads
+            .iter()
+            .filter(|(h, _)| is_spectral(*h))
+            .map(|(_, column)| features::read_matrix(&args.logits, column).map(|m| m.cols))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        let found = SpectralLabels::compute(&args.logits, settings.spectral, max_k, settings.seed)?;
+        if !quiet {
+            let s = found.stats();
+            eprintln!(
+                "spectral graph: {} neighbours per row, {} edges; {} eigenvectors in {} Lanczos \
+                 steps (residual {:.1e}), {:.1} s",
+                s.neighbours,
+                s.edges,
+                s.eigenvalues.len(),
+                s.lanczos_steps,
+                s.max_residual,
+                s.seconds
+            );
+        }
+        stats.spectral = Some(found.stats().clone());
+        Some(found)
+    } else {
+        None
+    };
     let mut out: BTreeMap<u32, HeadLabels> = BTreeMap::new();
     let mut rows = 0;
     for (head, column) in &heads {
@@ -616,6 +715,24 @@ pub fn run(args: &Args) -> anyhow::Result<Summary> {
         let matrix = features::read_matrix(&args.logits, column)?;
         let (n, k) = (matrix.ids.len(), matrix.cols);
         let ctx = || format!("{}: column `{column}`", args.logits.display());
+        if let Some(spectral) = spectral.as_mut().filter(|_| is_spectral(head)) {
+            let (labels, mut head_stats) = spectral.head((head, column), &matrix.ids, k, &ctx())?;
+            if let Some((path, prev)) = &previous {
+                if let Some(p) = prev.heads.get(&head) {
+                    // Spectral cluster numbers are arbitrary: only the NMI says what changed.
+                    let before = p.aligned_to(path, head, &matrix.ids)?;
+                    head_stats.churn_nmi = Some(sela_metrics::nmi(&before, &labels.labels));
+                }
+            }
+            head_stats.seconds = start.elapsed().as_secs_f64();
+            if !quiet {
+                report_head(&head_stats);
+            }
+            rows = n;
+            stats.heads.push(head_stats);
+            out.insert(head, labels);
+            continue;
+        }
         let marginals = settings
             .prior
             .marginals(k)

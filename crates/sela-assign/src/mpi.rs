@@ -548,6 +548,13 @@ pub fn run(args: &Args, world: &SimpleCommunicator) -> anyhow::Result<Summary> {
                     s.neighbours
                 );
             }
+            if s.spectral > 0 {
+                bail!(
+                    "assign.spectral = {} is not supported over MPI (the neighbour graph needs \
+                     every rank's rows); run sela-assign as one process",
+                    s.spectral
+                );
+            }
             Ok(s)
         }),
     )?;

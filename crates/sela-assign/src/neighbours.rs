@@ -64,6 +64,16 @@ impl Neighbours {
         self.ids.len()
     }
 
+    /// The ids of the rows searched, in order.
+    pub fn ids(&self) -> &[u64] {
+        &self.ids
+    }
+
+    /// Row-major `rows × k` row indices of every row's neighbours, most similar first.
+    pub fn lists(&self) -> &[u32] {
+        &self.lists
+    }
+
     /// The log of each row's softmax averaged over its neighbours, for `logits` (row-major,
     /// `ids.len() × cols`). `ids` must be the rows the neighbours were searched for, in order.
     pub fn averaged_log_probs(
@@ -73,14 +83,7 @@ impl Neighbours {
         cols: usize,
         context: &str,
     ) -> anyhow::Result<Vec<f32>> {
-        if ids != self.ids.as_slice() {
-            bail!(
-                "{context}: the logits have {} rows and the embedding {}, or their ids differ; \
-                 both columns must come from the same features table",
-                ids.len(),
-                self.ids.len()
-            );
-        }
+        same_rows(ids, &self.ids, context)?;
         let probs: Vec<f64> = logits.chunks(cols).flat_map(softmax).collect();
         let mut out = Vec::with_capacity(logits.len());
         let mut mean = vec![0.0f64; cols];
@@ -95,6 +98,19 @@ impl Neighbours {
         }
         Ok(out)
     }
+}
+
+/// Fails unless a head's rows `ids` are the embedding's rows `embedding`, in order.
+pub(crate) fn same_rows(ids: &[u64], embedding: &[u64], context: &str) -> anyhow::Result<()> {
+    if ids != embedding {
+        bail!(
+            "{context}: the logits have {} rows and the embedding {}, or their ids differ; both \
+             columns must come from the same features table",
+            ids.len(),
+            embedding.len()
+        );
+    }
+    Ok(())
 }
 
 /// The softmax of one row of logits, in f64.

@@ -292,6 +292,130 @@ fn neighbour_averaging_repairs_labels_the_embedding_contradicts() {
 }
 
 #[test]
+fn spectral_labels_follow_the_embedding_graph() {
+    // 300 rows of three hidden groups, g = i mod 3, each a tight bundle of directions around
+    // one axis of the embedding; the heads' logits are noise. Spectral labels recover the
+    // groups exactly (K = 3) or split them without mixing (K = 6), whatever the heads say.
+    let dir = tempfile::tempdir().unwrap();
+    let feats = dir.path().join("features.parquet");
+    let n = 300;
+    let group = |i: usize| i % 3;
+    let emb: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            let mut v = [
+                0.2 * noise(i, 0, 1),
+                0.2 * noise(i, 1, 1),
+                0.2 * noise(i, 2, 1),
+            ];
+            v[group(i)] = 1.0;
+            v
+        })
+        .collect();
+    let heads = [3, 6];
+    let per_head: Vec<Vec<f32>> = heads
+        .iter()
+        .map(|&k| (0..n * k).map(|j| noise(j, 7, 9)).collect())
+        .collect();
+    write_features(&feats, &emb, 3, &heads, &per_head);
+    let out = dir.path().join("labels.parquet");
+    let stats_path = dir.path().join("assign-stats.json");
+    let base = ["--logits", p(&feats), "--output", p(&out), "-q"];
+    let spectral = ["--spectral", "10", "--spectral-from-round", "5"];
+
+    run(&args(&[&base[..], &spectral, &["--round", "5"]].concat())).unwrap();
+    let read = labels::read(&out).unwrap();
+    let pure = |labels: &[u32], k: usize| {
+        // Every cluster lies within one group, and every cluster is used.
+        let mut owner = vec![None; k];
+        labels
+            .iter()
+            .enumerate()
+            .all(|(i, &l)| *owner[l as usize].get_or_insert(group(i)) == group(i))
+            && owner.iter().all(Option::is_some)
+    };
+    assert!(pure(&read.heads[&0].labels, 3));
+    assert!(pure(&read.heads[&1].labels, 6));
+    let stats = read_stats(&stats_path);
+    let graph = stats.spectral.clone().expect("spectral statistics");
+    assert_eq!(graph.neighbours, 10);
+    // Three separate groups: the eigenvalue 1 three times.
+    assert!(graph.eigenvalues[..3]
+        .iter()
+        .all(|&v| (v - 1.0).abs() < 1e-6));
+    assert!(graph.max_residual <= 1e-6);
+    for h in &stats.heads {
+        assert_eq!(h.path, "spectral");
+        assert!(h.log_beta.is_empty() && h.converged);
+    }
+    assert_eq!(stats.heads[0].min_cluster_size, 100);
+    assert!(read.heads[&0]
+        .confidence
+        .iter()
+        .all(|&c| c > 0.0 && c <= 1.0));
+
+    // Deterministic: the same labels again.
+    let first = read.heads.clone();
+    run(&args(&[&base[..], &spectral, &["--round", "6"]].concat())).unwrap();
+    assert_eq!(labels::read(&out).unwrap().heads, first);
+
+    // The next round warm-starts a solve from spectral statistics: no duals, a cold start.
+    let next = dir.path().join("next.parquet");
+    run(&args(&[
+        "--logits",
+        p(&feats),
+        "--output",
+        p(&next),
+        "--stats",
+        p(&dir.path().join("next-stats.json")),
+        "--warm-start",
+        p(&stats_path),
+        "-q",
+    ]))
+    .unwrap();
+    let solved = read_stats(&dir.path().join("next-stats.json"));
+    assert!(solved.spectral.is_none());
+    assert!(solved
+        .heads
+        .iter()
+        .all(|h| !h.warm_started && h.path != "spectral"));
+
+    // Before --spectral-from-round the heads are solved.
+    run(&args(&[&base[..], &spectral, &["--round", "4"]].concat())).unwrap();
+    let stats = read_stats(&stats_path);
+    assert!(stats.spectral.is_none() && stats.heads[0].path != "spectral");
+
+    // --spectral-heads labels the heads it names and solves the others.
+    run(&args(
+        &[&base[..], &["--spectral", "10", "--spectral-heads", "1"]].concat(),
+    ))
+    .unwrap();
+    let stats = read_stats(&stats_path);
+    assert_eq!(stats.heads[0].path, "scaling");
+    assert_eq!(stats.heads[0].log_beta.len(), 3);
+    assert_eq!(stats.heads[1].path, "spectral");
+    assert_eq!(stats.spectral.as_ref().unwrap().eigenvalues.len(), 6);
+    assert!(pure(&labels::read(&out).unwrap().heads[&1].labels, 6));
+
+    // A head that is not there, or a graph of rows joined only to themselves, is refused,
+    // writing nothing.
+    let before = std::fs::read(&out).unwrap();
+    let err = run(&args(
+        &[&base[..], &["--spectral", "10", "--spectral-heads", "0,2"]].concat(),
+    ))
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("names head 2, but the logits hold heads 0, 1"),
+        "{err:#}"
+    );
+    let err = run(&args(&[&base[..], &["--spectral", "1"]].concat())).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("assign.spectral = 1"),
+        "{err:#}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+}
+
+#[test]
 fn warm_start_and_churn_against_the_previous_round() {
     let dir = tempfile::tempdir().unwrap();
     let feats = dir.path().join("features.parquet");

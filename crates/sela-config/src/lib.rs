@@ -160,6 +160,22 @@ pub struct AssignSection {
     /// config hash when unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub neighbours_until_round: Option<u32>,
+    /// Read the labels off a spectral clustering of the embedding instead of solving the heads:
+    /// the graph joins every training image to its `spectral` nearest images (cosine, itself
+    /// included) and each head with K outputs gets the K-way clustering of that graph; 0 solves
+    /// the heads. Left out of the config hash when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub spectral: usize,
+    /// With `spectral`: the first round whose labels are read off the spectral clustering
+    /// (earlier rounds solve the heads); unset, every round. Left out of the config hash when
+    /// unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spectral_from_round: Option<u32>,
+    /// With `spectral`: the heads (indices into `model.heads`) whose labels are read off the
+    /// spectral clustering; the others are solved as usual. Unset, every head. Left out of the
+    /// config hash when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spectral_heads: Option<Vec<u32>>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -178,6 +194,9 @@ impl Default for AssignSection {
             acceleration: "anderson".to_string(),
             neighbours: 0,
             neighbours_until_round: None,
+            spectral: 0,
+            spectral_from_round: None,
+            spectral_heads: None,
         }
     }
 }
@@ -411,6 +430,19 @@ impl PipelineConfig {
         let m = &self.model;
         if m.heads.is_empty() || m.heads.iter().any(|&k| k < 1) {
             return Err("model.heads must list at least one head, each with K ≥ 1".to_string());
+        }
+        if let Some(h) = self
+            .assign
+            .spectral_heads
+            .iter()
+            .flatten()
+            .find(|&&h| h as usize >= m.heads.len())
+        {
+            return Err(format!(
+                "assign.spectral_heads names head {h}, but model.heads has {} (0..{})",
+                m.heads.len(),
+                m.heads.len() - 1
+            ));
         }
         if m.widths.is_empty() || m.widths.len() != m.blocks.len() || m.widths.contains(&0) {
             return Err(format!(
@@ -718,6 +750,37 @@ heads = [10]
             (50, Some(4))
         );
         assert_ne!(plain.hash(), on.hash());
+    }
+
+    #[test]
+    fn spectral_labels_default_off_and_keep_old_hashes() {
+        let (_d, path) = write(MINIMAL);
+        let plain = PipelineConfig::load(&path).unwrap();
+        assert_eq!(
+            (plain.assign.spectral, plain.assign.spectral_from_round),
+            (0, None)
+        );
+        let off = PipelineConfig::load_with(&path, &["assign.spectral=0".into()]).unwrap();
+        assert_eq!(plain.hash(), off.hash());
+        let set = [
+            "assign.spectral=10".into(),
+            "assign.spectral_from_round=13".into(),
+            "assign.spectral_heads=[0]".into(),
+        ];
+        let on = PipelineConfig::load_with(&path, &set).unwrap();
+        assert_eq!(
+            (
+                on.assign.spectral,
+                on.assign.spectral_from_round,
+                on.assign.spectral_heads.clone()
+            ),
+            (10, Some(13), Some(vec![0]))
+        );
+        assert_ne!(plain.hash(), on.hash());
+        let err = PipelineConfig::load_with(&path, &["assign.spectral_heads=[0, 7]".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("assign.spectral_heads names head 7"), "{err}");
     }
 
     #[test]

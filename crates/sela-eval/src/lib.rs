@@ -7,7 +7,8 @@
 //! - **Representation quality** of the embeddings (head null, split `test`): weighted kNN
 //!   (`knn<k>_acc`) and a linear probe (`linear_probe_acc`), trained on train, scored on test.
 //! - **Solver statistics** from the assign stage's stats file (head h, split `train`):
-//!   `sinkhorn_iterations`, `sinkhorn_seconds`, `label_churn`, `label_churn_nmi`.
+//!   `sinkhorn_iterations`, `sinkhorn_seconds`, `label_churn`, `label_churn_nmi` (spectral
+//!   labels: the seconds and the churn NMI only).
 //! - **Cluster statistics** (size, purity, majority class, mean confidence per head and cluster)
 //!   into the round's cluster-stats table.
 //!
@@ -329,12 +330,15 @@ pub fn run(opts: &EvalOptions) -> Result<Summary> {
 
     if let Some(stats) = &assign {
         for hs in &stats.heads {
-            sink.push(
-                Some(hs.head),
-                "train",
-                "sinkhorn_iterations",
-                hs.iterations as f64,
-            );
+            // Spectral labels count k-means iterations, not Sinkhorn's.
+            if hs.path != "spectral" {
+                sink.push(
+                    Some(hs.head),
+                    "train",
+                    "sinkhorn_iterations",
+                    hs.iterations as f64,
+                );
+            }
             sink.push(Some(hs.head), "train", "sinkhorn_seconds", hs.seconds);
             if let Some(c) = hs.churn_fraction {
                 sink.push(Some(hs.head), "train", "label_churn", c);

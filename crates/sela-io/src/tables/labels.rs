@@ -5,7 +5,7 @@
 //! | `id` | UInt64 | the dataset row |
 //! | `head` | UInt32 | head index |
 //! | `label` | UInt32 | assigned cluster, `0..K_head` |
-//! | `confidence` | Float32 | the row's largest entry of Q, normalised to sum 1 over the row |
+//! | `confidence` | Float32 | the row's largest entry of Q, normalised to sum 1 over the row (spectral labels: the row's fuzzy membership of its cluster) |
 //!
 //! Metadata `sela.assign`: the solver's per-head statistics (JSON, written by the assign stage).
 
@@ -54,8 +54,29 @@ pub struct AssignStats {
     /// Wall time of the neighbour search, seconds (0 without one).
     #[serde(default)]
     pub neighbour_seconds: f64,
+    /// The embedding graph and its spectrum, when the labels were read off a spectral
+    /// clustering (`assign.spectral`) instead of solved; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spectral: Option<SpectralStats>,
     /// One entry per solved head.
     pub heads: Vec<HeadStats>,
+}
+
+/// The graph and spectrum behind spectral labels.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SpectralStats {
+    /// Nearest images each image is joined to (itself included).
+    pub neighbours: usize,
+    /// Undirected edges of the symmetrised graph.
+    pub edges: usize,
+    /// Leading eigenvalues of the normalised adjacency, largest first.
+    pub eigenvalues: Vec<f64>,
+    /// Largest residual ‖A·v − θ·v‖ of the eigenvectors.
+    pub max_residual: f64,
+    /// Lanczos steps taken.
+    pub lanczos_steps: usize,
+    /// Wall time of the neighbour search, graph and eigenvectors, seconds.
+    pub seconds: f64,
 }
 
 fn plain_updates() -> String {
@@ -90,7 +111,9 @@ pub struct HeadStats {
     /// Largest hard cluster.
     pub max_cluster_size: usize,
     /// Numerical path used: `scaling`, or `stabilized` when the column scaling had to be absorbed
-    /// into the kernel.
+    /// into the kernel; `spectral` for labels read off the spectral clustering (then
+    /// `iterations` and `converged` are the k-means run's, the marginal errors those of the hard
+    /// cluster sizes, `objective` and `entropy` 0, and there are no duals).
     pub path: String,
     /// Times the column scaling was absorbed into the kernel (0 on the `scaling` path).
     #[serde(default)]
@@ -106,7 +129,7 @@ pub struct HeadStats {
     pub churn_fraction: Option<f64>,
     /// NMI between the previous and the new labels, when given.
     pub churn_nmi: Option<f64>,
-    /// log β, the column duals, for warm-starting the next solve.
+    /// log β, the column duals, for warm-starting the next solve (empty for spectral labels).
     pub log_beta: Vec<f64>,
 }
 
