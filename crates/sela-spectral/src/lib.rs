@@ -168,6 +168,17 @@ mod tests {
         assert!(c.labels[per..].iter().all(|&l| l != first));
         assert!(c.confidence.iter().all(|&x| x > 0.5 && x <= 1.0));
         assert!(cluster(&spectrum, 3, &options).is_err());
+
+        // The same bits on one thread.
+        let single = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let again = single.install(|| {
+            let s = leading_eigenpairs(&g, 2, options.tol, options.max_steps, 5).unwrap();
+            (cluster(&s, 2, &options).unwrap(), s)
+        });
+        assert_eq!(again, (c, spectrum));
     }
 
     #[test]
