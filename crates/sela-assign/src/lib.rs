@@ -33,14 +33,14 @@ use anyhow::{anyhow, bail, Context};
 use sela_cli::{OptionalPipelineArgs, OutputArgs, Progress};
 use sela_io::contract::{Column, ColumnType, Contract};
 use sela_io::features;
-use sela_io::labels::{self, AssignStats, HeadLabels, HeadStats};
+use sela_io::labels::{self, AssignStats, HeadLabels, HeadStats, SPECTRAL_PATH};
 use sela_io::table::TableFile;
 use sela_io::{FileMeta, Provenance};
 use sela_sinkhorn::{Acceleration, Assignment, Reduce, Sinkhorn, Solution};
 use serde::Serialize;
 
 use crate::neighbours::Neighbours;
-use crate::spectral::{SpectralLabels, SPECTRAL_PATH};
+use crate::spectral::SpectralLabels;
 
 /// Command-line flags of `sela-assign`.
 #[derive(Debug, Clone, clap::Parser)]

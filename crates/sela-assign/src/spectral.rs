@@ -7,13 +7,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail};
-use sela_io::labels::{HeadLabels, HeadStats, SpectralStats};
+use sela_io::labels::{HeadLabels, HeadStats, SpectralStats, SPECTRAL_PATH};
 use sela_spectral::{Clustering, Graph, Options, Spectrum};
 
 use crate::neighbours::{same_rows, Neighbours};
-
-/// `HeadStats::path` of a head labelled here.
-pub const SPECTRAL_PATH: &str = "spectral";
 
 /// The embedding graph's leading eigenvectors, ready to cluster for any K up to their count.
 #[derive(Debug, Clone)]

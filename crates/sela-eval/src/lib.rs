@@ -331,7 +331,7 @@ pub fn run(opts: &EvalOptions) -> Result<Summary> {
     if let Some(stats) = &assign {
         for hs in &stats.heads {
             // Spectral labels count k-means iterations, not Sinkhorn's.
-            if hs.path != "spectral" {
+            if hs.path != sela_io::labels::SPECTRAL_PATH {
                 sink.push(
                     Some(hs.head),
                     "train",

@@ -28,6 +28,9 @@ pub const TABLE: &str = "labels";
 pub const VERSION: u32 = 1;
 /// Metadata key holding the assign stage's statistics.
 pub const KEY_ASSIGN: &str = "sela.assign";
+/// [`HeadStats::path`] of a head whose labels were read off the spectral clustering of the
+/// embedding's neighbour graph rather than solved.
+pub const SPECTRAL_PATH: &str = "spectral";
 
 /// The Sinkhorn stage's statistics: stored as JSON in the labels file's `sela.assign` metadata and
 /// in the stage's stats file (which also seeds the next round's warm start).
