@@ -33,7 +33,7 @@ use anyhow::{anyhow, bail, Context};
 use sela_cli::{OptionalPipelineArgs, OutputArgs, Progress};
 use sela_io::contract::{Column, ColumnType, Contract};
 use sela_io::features;
-use sela_io::labels::{self, AssignStats, HeadLabels, HeadStats, SPECTRAL_PATH};
+use sela_io::labels::{self, AssignStats, HeadLabels, HeadStats, MergeSettings, SPECTRAL_PATH};
 use sela_io::table::TableFile;
 use sela_io::{FileMeta, Provenance};
 use sela_sinkhorn::{Acceleration, Assignment, Reduce, Sinkhorn, Solution};
@@ -121,6 +121,32 @@ pub struct Args {
     /// others are solved [config assign.spectral_heads, default every head].
     #[arg(long, value_name = "H,…", value_delimiter = ',')]
     pub spectral_heads: Option<Vec<u32>>,
+    /// With --spectral: cut the embedding into COUNT fragments and merge them into each head's
+    /// K groups under a size cap, instead of K-way k-means; 0: K-way k-means [config
+    /// assign.spectral_fragments, default 0].
+    #[arg(long, value_name = "COUNT")]
+    pub spectral_fragments: Option<usize>,
+    /// With --spectral-fragments: the leading eigenvectors the fragments are cut from; 0: the
+    /// largest spectral K [config assign.spectral_eigenvectors, default 0].
+    #[arg(long, value_name = "COUNT")]
+    pub spectral_eigenvectors: Option<usize>,
+    /// With --spectral-fragments: the largest merged group, × N / K [config
+    /// assign.spectral_size_cap, default 1.2].
+    #[arg(long, value_name = "X")]
+    pub spectral_size_cap: Option<f64>,
+    /// With --spectral-fragments: cut the fragments COUNT times (one k-means seed each) and keep
+    /// the merged partition that agrees best with the others [config assign.spectral_cuts,
+    /// default 1].
+    #[arg(long, value_name = "COUNT")]
+    pub spectral_cuts: Option<usize>,
+    /// With --spectral-fragments: steps of balanced label propagation on the graph after the
+    /// merge [config assign.spectral_smoothing, default 0].
+    #[arg(long, value_name = "STEPS")]
+    pub spectral_smoothing: Option<usize>,
+    /// The exponent λ of --spectral-smoothing's transport problems [config
+    /// assign.spectral_smoothing_lambda, default 10].
+    #[arg(long, value_name = "LAMBDA")]
+    pub spectral_smoothing_lambda: Option<f64>,
     /// Round to exactly balanced hard labels (sizes ⌊N/K⌋ or ⌈N/K⌉), by confidence
     /// [or config assign.exact_balance].
     #[arg(long)]
@@ -259,6 +285,8 @@ pub struct Settings {
     pub spectral: usize,
     /// The heads labelled by the spectral clustering (`None`: every head).
     pub spectral_heads: Option<Vec<u32>>,
+    /// Merge spectral labels from fragments (`None`: K-way k-means).
+    pub spectral_merge: Option<MergeSettings>,
     /// Round stamped into provenance.
     pub round: Option<u32>,
     /// Hash of the pipeline config, when one was given.
@@ -306,7 +334,39 @@ impl Settings {
                  least 2 nearest rows (e.g. 10)"
             );
         }
+        let fragments = args.spectral_fragments.unwrap_or(d.spectral_fragments);
+        let spectral_merge = (fragments > 0).then(|| MergeSettings {
+            fragments,
+            eigenvectors: args
+                .spectral_eigenvectors
+                .unwrap_or(d.spectral_eigenvectors),
+            size_cap: args
+                .spectral_size_cap
+                .or(d.spectral_size_cap)
+                .unwrap_or(sela_config::DEFAULT_SPECTRAL_SIZE_CAP),
+            cuts: args.spectral_cuts.unwrap_or(d.spectral_cuts).max(1),
+            smoothing_steps: args.spectral_smoothing.unwrap_or(d.spectral_smoothing),
+            smoothing_lambda: args
+                .spectral_smoothing_lambda
+                .or(d.spectral_smoothing_lambda)
+                .unwrap_or(sela_config::DEFAULT_SPECTRAL_SMOOTHING_LAMBDA),
+        });
+        if let Some(m) = &spectral_merge {
+            if !(m.size_cap.is_finite() && m.size_cap >= 1.0) {
+                bail!(
+                    "--spectral-size-cap must be at least 1 (× N / K), got {}",
+                    m.size_cap
+                );
+            }
+            if !(m.smoothing_lambda.is_finite() && m.smoothing_lambda > 0.0) {
+                bail!(
+                    "--spectral-smoothing-lambda must be a positive finite number, got {}",
+                    m.smoothing_lambda
+                );
+            }
+        }
         Ok(Settings {
+            spectral_merge,
             neighbours: if this_round {
                 args.neighbours.unwrap_or(d.neighbours)
             } else {
@@ -529,6 +589,7 @@ pub(crate) fn head_stats<C: Reduce>(
         churn_fraction: None,
         churn_nmi: None,
         log_beta: solver.log_beta(),
+        merge: None,
     }
 }
 
@@ -688,7 +749,13 @@ pub fn run(args: &Args) -> anyhow::Result<Summary> {
             .into_iter()
             .max()
             .unwrap_or(0);
-        let found = SpectralLabels::compute(&args.logits, settings.spectral, max_k, settings.seed)?;
+        let found = SpectralLabels::compute(
+            &args.logits,
+            settings.spectral,
+            max_k,
+            settings.spectral_merge.clone(),
+            settings.seed,
+        )?;
         if !quiet {
             let s = found.stats();
             eprintln!(

@@ -1,37 +1,71 @@
 //! Spectral labels: instead of solving a head's transport problem, label its rows with the
 //! K-way spectral clustering of the embedding's nearest-neighbour graph (K the head's outputs).
 //! The graph and its eigenvectors are computed once and shared by every head.
+//!
+//! With [`MergeSettings`] (`assign.spectral_fragments`) the K groups are merged from fragments of the embedding
+//! ([`sela_spectral::cluster_merged`]), then optionally smoothed by balanced label propagation:
+//! each step re-labels every image by a transport problem (the label step's Sinkhorn solver,
+//! uniform marginals) on its graph neighbours' labels.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail};
-use sela_io::labels::{HeadLabels, HeadStats, SpectralStats, SPECTRAL_PATH};
-use sela_spectral::{Clustering, Graph, Options, Spectrum};
+use sela_io::labels::{
+    HeadLabels, HeadStats, MergeReport, MergeSettings, SpectralStats, SPECTRAL_PATH,
+};
+use sela_sinkhorn::{uniform_marginals, Sinkhorn};
+use sela_spectral::{Graph, MergeOptions, Options, Spectrum};
 
 use crate::neighbours::{same_rows, Neighbours};
+
+/// Pseudo-count added to every label's neighbour votes before the propagation's transport
+/// problem, so a label no neighbour holds stays possible, if costly.
+const VOTE_PSEUDOCOUNT: f32 = 0.01;
+/// Marginal tolerance and iteration cap of each propagation step's transport problem.
+const SMOOTHING_TOL: f64 = 1e-3;
+const SMOOTHING_MAX_ITERS: usize = 1000;
+
+/// One K's spectral labels, with what the head statistics report of them.
+#[derive(Debug, Clone)]
+struct Made {
+    labels: Vec<u32>,
+    confidence: Vec<f32>,
+    iterations: usize,
+    converged: bool,
+    merge: Option<MergeReport>,
+}
 
 /// The embedding graph's leading eigenvectors, ready to cluster for any K up to their count.
 #[derive(Debug, Clone)]
 pub struct SpectralLabels {
     ids: Vec<u64>,
+    graph: Graph,
     spectrum: Spectrum,
     options: Options,
+    merge: Option<MergeSettings>,
     stats: SpectralStats,
     /// The clusterings made so far, by K (heads of one size share theirs).
-    clusterings: BTreeMap<usize, Clustering>,
+    clusterings: BTreeMap<usize, Made>,
 }
 
 impl SpectralLabels {
     /// Joins every row of `features` to its `neighbours` nearest rows in the embedding and
-    /// computes the graph's `max_k` leading eigenvectors.
+    /// computes the graph's `max_k` leading eigenvectors (or `merge`'s count, if more).
     pub fn compute(
         features: &Path,
         neighbours: usize,
         max_k: usize,
+        mut merge: Option<MergeSettings>,
         seed: u64,
     ) -> anyhow::Result<Self> {
+        if let Some(m) = merge.as_mut() {
+            if m.eigenvectors == 0 {
+                m.eigenvectors = max_k;
+            }
+        }
+        let count = merge.as_ref().map_or(max_k, |m| m.eigenvectors.max(max_k));
         let start = Instant::now();
         let found = Neighbours::search(features, neighbours)?;
         let graph = Graph::from_neighbour_lists(found.lists(), found.k()).map_err(|e| {
@@ -40,11 +74,19 @@ impl SpectralLabels {
                 features.display()
             )
         })?;
-        if max_k > graph.nodes() {
+        if count > graph.nodes() {
             bail!(
-                "{}: {} rows cannot make {max_k} spectral clusters",
+                "{}: {} rows cannot give {count} spectral eigenvectors",
                 features.display(),
                 graph.nodes()
+            );
+        }
+        if let Some(m) = merge.as_ref().filter(|m| m.fragments > graph.nodes()) {
+            bail!(
+                "{}: {} rows cannot be cut into {} fragments",
+                features.display(),
+                graph.nodes(),
+                m.fragments
             );
         }
         let options = Options {
@@ -52,7 +94,7 @@ impl SpectralLabels {
             ..Options::default()
         };
         let spectrum =
-            sela_spectral::leading_eigenpairs(&graph, max_k, options.tol, options.max_steps, seed)
+            sela_spectral::leading_eigenpairs(&graph, count, options.tol, options.max_steps, seed)
                 .map_err(|e| {
                     anyhow!(
                         "{}: the embedding's neighbour graph: {e}",
@@ -66,11 +108,14 @@ impl SpectralLabels {
             max_residual: spectrum.max_residual,
             lanczos_steps: spectrum.steps,
             seconds: start.elapsed().as_secs_f64(),
+            merge: merge.clone(),
         };
         Ok(SpectralLabels {
             ids: found.ids().to_vec(),
+            graph,
             spectrum,
             options,
+            merge,
             stats,
             clusterings: BTreeMap::new(),
         })
@@ -92,8 +137,7 @@ impl SpectralLabels {
     ) -> anyhow::Result<(HeadLabels, HeadStats)> {
         same_rows(ids, &self.ids, context)?;
         if !self.clusterings.contains_key(&k) {
-            let made = sela_spectral::cluster(&self.spectrum, k, &self.options)
-                .map_err(|e| anyhow!("{context}: {e}"))?;
+            let made = self.make(k).map_err(|e| anyhow!("{context}: {e}"))?;
             self.clusterings.insert(k, made);
         }
         let clustering = &self.clusterings[&k];
@@ -112,8 +156,8 @@ impl SpectralLabels {
             column: column.to_string(),
             n,
             k,
-            iterations: clustering.partition.iterations,
-            converged: clustering.partition.converged,
+            iterations: clustering.iterations,
+            converged: clustering.converged,
             row_error: 0.0,
             col_error,
             objective: 0.0,
@@ -128,6 +172,7 @@ impl SpectralLabels {
             churn_fraction: None,
             churn_nmi: None,
             log_beta: Vec::new(),
+            merge: clustering.merge.clone(),
         };
         let labels = HeadLabels {
             ids: ids.to_vec(),
@@ -135,5 +180,181 @@ impl SpectralLabels {
             confidence: clustering.confidence.clone(),
         };
         Ok((labels, stats))
+    }
+
+    /// The K-way labels: K-way k-means, or merged fragments then propagation.
+    fn make(&self, k: usize) -> anyhow::Result<Made> {
+        let Some(merge) = &self.merge else {
+            let c = sela_spectral::cluster(&self.spectrum, k, &self.options)?;
+            return Ok(Made {
+                labels: c.labels,
+                confidence: c.confidence,
+                iterations: c.partition.iterations,
+                converged: c.partition.converged,
+                merge: None,
+            });
+        };
+        let options = MergeOptions {
+            fragments: merge.fragments,
+            eigenvectors: merge.eigenvectors,
+            size_cap: merge.size_cap,
+        };
+        let cuts = (0..merge.cuts.max(1) as u64)
+            .map(|cut| {
+                let seeded = Options {
+                    seed: self.options.seed.wrapping_add(cut),
+                    ..self.options.clone()
+                };
+                sela_spectral::cluster_merged(&self.graph, &self.spectrum, k, &options, &seeded)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let (kept, agreement) =
+            most_central(&cuts.iter().map(|c| &c.labels[..]).collect::<Vec<_>>());
+        let c = cuts.into_iter().nth(kept).expect("the kept cut exists");
+        let merged = c.labels.clone();
+        let (labels, confidence, steps) = if merge.smoothing_steps > 0 {
+            propagate(
+                &self.graph,
+                c.labels,
+                k,
+                merge.smoothing_steps,
+                merge.smoothing_lambda,
+            )?
+        } else {
+            (c.labels, c.confidence, 0)
+        };
+        let changed = labels.iter().zip(&merged).filter(|(a, b)| a != b).count();
+        Ok(Made {
+            iterations: c.fragments.iterations,
+            converged: c.fragments.converged,
+            merge: Some(MergeReport {
+                kept_cut: kept,
+                agreement,
+                final_cap: c.merge.final_cap,
+                smoothing_steps: steps,
+                smoothing_changed: changed as f64 / labels.len().max(1) as f64,
+            }),
+            labels,
+            confidence,
+        })
+    }
+}
+
+/// The partition of `partitions` that agrees best with the others (highest mean NMI; the
+/// first among equals), and that mean (1 for a single partition).
+fn most_central(partitions: &[&[u32]]) -> (usize, f64) {
+    let m = partitions.len();
+    if m < 2 {
+        return (0, 1.0);
+    }
+    let mut total = vec![0.0; m];
+    for a in 0..m {
+        for b in a + 1..m {
+            let x = sela_metrics::nmi(partitions[a], partitions[b]);
+            total[a] += x;
+            total[b] += x;
+        }
+    }
+    let best = (0..m).fold(0, |best, i| if total[i] > total[best] { i } else { best });
+    (best, total[best] / (m - 1) as f64)
+}
+
+/// Balanced label propagation: at most `steps` times, every node's label becomes its argmax of
+/// the transport plan (exponent `lambda`, uniform cluster marginals) on its graph neighbours'
+/// label votes; stops early once no label changes. Returns the labels, each node's normalised
+/// plan entry at its label, and the steps run.
+pub fn propagate(
+    graph: &Graph,
+    mut labels: Vec<u32>,
+    k: usize,
+    steps: usize,
+    lambda: f64,
+) -> anyhow::Result<(Vec<u32>, Vec<f32>, usize)> {
+    let n = graph.nodes();
+    if labels.len() != n {
+        bail!("{} labels for a graph of {n} nodes", labels.len());
+    }
+    let marginals = uniform_marginals(k);
+    let mut confidence = vec![1.0; n];
+    let mut run = 0;
+    while run < steps {
+        run += 1;
+        let mut votes = vec![VOTE_PSEUDOCOUNT; n * k];
+        for (i, row) in votes.chunks_mut(k).enumerate() {
+            for &j in graph.neighbours(i) {
+                row[labels[j as usize] as usize] += 1.0;
+            }
+            row.iter_mut().for_each(|v| *v = v.ln());
+        }
+        let mut solver = Sinkhorn::new(votes, k, lambda, None)?;
+        let solution = solver.solve(&marginals, SMOOTHING_TOL, SMOOTHING_MAX_ITERS, |_| {})?;
+        if !solution.converged {
+            eprintln!(
+                "warning: label propagation step {run}: marginal error {:.2e} after {} \
+                 iterations (tol {SMOOTHING_TOL:e})",
+                solution.error, solution.iterations
+            );
+        }
+        let assignment = solver.assign()?;
+        confidence = assignment.confidence;
+        let same = assignment.labels == labels;
+        labels = assignment.labels;
+        if same {
+            break;
+        }
+    }
+    Ok((labels, confidence, run))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two rings of `per` nodes, each joined to its `reach` successors, bridged by one edge.
+    fn two_rings(per: usize, reach: usize) -> Graph {
+        let mut lists = Vec::new();
+        for g in 0..2 {
+            for i in 0..per {
+                for s in 1..=reach {
+                    lists.push((g * per + (i + s) % per) as u32);
+                }
+            }
+        }
+        lists[0] = per as u32;
+        Graph::from_neighbour_lists(&lists, reach).unwrap()
+    }
+
+    #[test]
+    fn the_most_central_partition_agrees_with_the_majority() {
+        let odd = [0, 1, 0, 1, 0, 1];
+        let a = [0, 0, 0, 1, 1, 1];
+        // The same partition as `a` under other cluster numbers.
+        let b = [1, 1, 1, 0, 0, 0];
+        assert_eq!(most_central(&[&odd, &a, &b]).0, 1);
+        let (kept, agreement) = most_central(&[&a, &b, &odd]);
+        assert_eq!(kept, 0);
+        assert!(agreement > 0.5 && agreement < 1.0, "{agreement}");
+        assert_eq!(most_central(&[&odd]), (0, 1.0));
+    }
+
+    #[test]
+    fn propagation_repairs_scattered_errors_and_settles() {
+        let per = 50;
+        let g = two_rings(per, 3);
+        let truth: Vec<u32> = (0..2 * per).map(|i| (i / per) as u32).collect();
+        let mut noisy = truth.clone();
+        // Five scattered nodes of each ring carry the other ring's label.
+        for i in [3, 14, 25, 36, 47] {
+            noisy[i] = 1;
+            noisy[per + i] = 0;
+        }
+        let (labels, confidence, steps) = propagate(&g, noisy.clone(), 2, 10, 10.0).unwrap();
+        assert_eq!(labels, truth);
+        assert!(steps < 10, "settled after {steps} steps");
+        assert!(confidence.iter().all(|&c| c > 0.5 && c <= 1.0));
+        // Settled labels stay put.
+        let (again, _, one) = propagate(&g, truth.clone(), 2, 10, 10.0).unwrap();
+        assert_eq!((again, one), (truth, 1));
+        assert!(propagate(&g, noisy[..10].to_vec(), 2, 10, 10.0).is_err());
     }
 }

@@ -291,15 +291,14 @@ fn neighbour_averaging_repairs_labels_the_embedding_contradicts() {
     }
 }
 
-#[test]
-fn spectral_labels_follow_the_embedding_graph() {
-    // 300 rows of three hidden groups, g = i mod 3, each a tight bundle of directions around
-    // one axis of the embedding; the heads' logits are noise. Spectral labels recover the
-    // groups exactly (K = 3) or split them without mixing (K = 6), whatever the heads say.
-    let dir = tempfile::tempdir().unwrap();
-    let feats = dir.path().join("features.parquet");
-    let n = 300;
-    let group = |i: usize| i % 3;
+/// The group of row `i` in [`write_three_groups`].
+fn group(i: usize) -> usize {
+    i % 3
+}
+
+/// Features of `n` rows in three hidden groups, g = i mod 3, each a tight bundle of directions
+/// around one axis of the embedding; heads of K = 3 and K = 6 whose logits are noise.
+fn write_three_groups(path: &Path, n: usize) {
     let emb: Vec<f32> = (0..n)
         .flat_map(|i| {
             let mut v = [
@@ -316,7 +315,27 @@ fn spectral_labels_follow_the_embedding_graph() {
         .iter()
         .map(|&k| (0..n * k).map(|j| noise(j, 7, 9)).collect())
         .collect();
-    write_features(&feats, &emb, 3, &heads, &per_head);
+    write_features(path, &emb, 3, &heads, &per_head);
+}
+
+/// Whether every one of the `k` clusters of `labels` is used and lies within one group.
+fn pure(labels: &[u32], k: usize) -> bool {
+    let mut owner = vec![None; k];
+    labels
+        .iter()
+        .enumerate()
+        .all(|(i, &l)| *owner[l as usize].get_or_insert(group(i)) == group(i))
+        && owner.iter().all(Option::is_some)
+}
+
+#[test]
+fn spectral_labels_follow_the_embedding_graph() {
+    // 300 rows of three hidden groups, g = i mod 3, each a tight bundle of directions around
+    // one axis of the embedding; the heads' logits are noise. Spectral labels recover the
+    // groups exactly (K = 3) or split them without mixing (K = 6), whatever the heads say.
+    let dir = tempfile::tempdir().unwrap();
+    let (feats, n) = (dir.path().join("features.parquet"), 300);
+    write_three_groups(&feats, n);
     let out = dir.path().join("labels.parquet");
     let stats_path = dir.path().join("assign-stats.json");
     let base = ["--logits", p(&feats), "--output", p(&out), "-q"];
@@ -324,15 +343,6 @@ fn spectral_labels_follow_the_embedding_graph() {
 
     run(&args(&[&base[..], &spectral, &["--round", "5"]].concat())).unwrap();
     let read = labels::read(&out).unwrap();
-    let pure = |labels: &[u32], k: usize| {
-        // Every cluster lies within one group, and every cluster is used.
-        let mut owner = vec![None; k];
-        labels
-            .iter()
-            .enumerate()
-            .all(|(i, &l)| *owner[l as usize].get_or_insert(group(i)) == group(i))
-            && owner.iter().all(Option::is_some)
-    };
     assert!(pure(&read.heads[&0].labels, 3));
     assert!(pure(&read.heads[&1].labels, 6));
     let stats = read_stats(&stats_path);
@@ -412,6 +422,82 @@ fn spectral_labels_follow_the_embedding_graph() {
         format!("{err:#}").contains("assign.spectral = 1"),
         "{err:#}"
     );
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+}
+
+#[test]
+fn merged_spectral_labels_rejoin_the_fragments_of_each_group() {
+    // The three groups of `write_three_groups`, cut into 9 fragments from 6
+    // eigenvectors and merged: K = 3 recovers the groups, K = 6 splits them without mixing.
+    let dir = tempfile::tempdir().unwrap();
+    let (feats, n) = (dir.path().join("features.parquet"), 300);
+    write_three_groups(&feats, n);
+    let out = dir.path().join("labels.parquet");
+    let stats_path = dir.path().join("assign-stats.json");
+    let base = [
+        "--logits",
+        p(&feats),
+        "--output",
+        p(&out),
+        "-q",
+        "--spectral",
+        "10",
+    ];
+    let merged = [
+        "--spectral-fragments",
+        "9",
+        "--spectral-eigenvectors",
+        "6",
+        "--spectral-smoothing",
+        "5",
+        "--spectral-cuts",
+        "3",
+    ];
+    run(&args(&[&base[..], &merged].concat())).unwrap();
+    let read = labels::read(&out).unwrap();
+    assert!(pure(&read.heads[&0].labels, 3));
+    assert!(pure(&read.heads[&1].labels, 6));
+    let stats = read_stats(&stats_path);
+    let graph = stats.spectral.clone().expect("spectral statistics");
+    assert_eq!(graph.eigenvalues.len(), 6);
+    let settings = graph.merge.expect("merge settings");
+    assert_eq!(
+        (
+            settings.fragments,
+            settings.eigenvectors,
+            settings.smoothing_steps
+        ),
+        (9, 6, 5)
+    );
+    assert_eq!(settings.size_cap, 1.2);
+    assert_eq!(stats.heads[0].min_cluster_size, 100);
+    for h in &stats.heads {
+        let report = h.merge.as_ref().expect("merge report");
+        assert!(report.smoothing_steps >= 1 && report.smoothing_steps <= 5);
+        assert!((0.0..=1.0).contains(&report.smoothing_changed));
+        assert!(report.kept_cut < 3 && (0.0..=1.0).contains(&report.agreement));
+        assert!(report.final_cap >= 1.2 * n as f64 / h.k as f64);
+    }
+    // Deterministic.
+    run(&args(&[&base[..], &merged].concat())).unwrap();
+    assert_eq!(labels::read(&out).unwrap().heads, read.heads);
+
+    // Fragments no more than a head's K are refused, writing nothing.
+    let before = std::fs::read(&out).unwrap();
+    let err = run(&args(&[&base[..], &["--spectral-fragments", "6"]].concat())).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("6 fragments cannot be merged into 6 groups"),
+        "{err:#}"
+    );
+    let err = run(&args(
+        &[
+            &base[..],
+            &["--spectral-fragments", "9", "--spectral-size-cap", "0.9"],
+        ]
+        .concat(),
+    ))
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("at least 1"), "{err:#}");
     assert_eq!(std::fs::read(&out).unwrap(), before);
 }
 

@@ -176,7 +176,40 @@ pub struct AssignSection {
     /// config hash when unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spectral_heads: Option<Vec<u32>>,
+    /// With `spectral`: cut the embedding into this many fragments (k-means on the rows of
+    /// `spectral_eigenvectors` eigenvectors) and merge them into each head's K groups, pairs of
+    /// highest normalised association first, no group past `spectral_size_cap` × N / K; 0 runs
+    /// K-way k-means on K eigenvectors. Left out of the config hash when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub spectral_fragments: usize,
+    /// With `spectral_fragments`: the leading eigenvectors the fragments are cut from; 0 (left
+    /// out of the config hash): as many as the largest spectral head has outputs.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub spectral_eigenvectors: usize,
+    /// With `spectral_fragments`: the largest merged group, × N / K (relaxed by 5 % steps only
+    /// when no pair fits); unset (left out of the config hash): 1.2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spectral_size_cap: Option<f64>,
+    /// With `spectral_fragments`: cut the fragments this many times (k-means seeds
+    /// `pipeline.seed`, `pipeline.seed + 1`, …) and keep the merged partition that agrees best
+    /// (mean NMI) with the others; 0 or 1 (0 left out of the config hash): one cut.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub spectral_cuts: usize,
+    /// With `spectral_fragments`: steps of balanced label propagation after the merge, each
+    /// re-labelling every image by a transport problem on its graph neighbours' labels (each
+    /// cluster N / K images); 0 (left out of the config hash): none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub spectral_smoothing: usize,
+    /// With `spectral_smoothing`: the exponent λ of its transport problems; unset (left out of
+    /// the config hash): 10.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spectral_smoothing_lambda: Option<f64>,
 }
+
+/// [`AssignSection::spectral_size_cap`] when unset.
+pub const DEFAULT_SPECTRAL_SIZE_CAP: f64 = 1.2;
+/// [`AssignSection::spectral_smoothing_lambda`] when unset.
+pub const DEFAULT_SPECTRAL_SMOOTHING_LAMBDA: f64 = 10.0;
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
@@ -197,6 +230,12 @@ impl Default for AssignSection {
             spectral: 0,
             spectral_from_round: None,
             spectral_heads: None,
+            spectral_fragments: 0,
+            spectral_eigenvectors: 0,
+            spectral_size_cap: None,
+            spectral_cuts: 0,
+            spectral_smoothing: 0,
+            spectral_smoothing_lambda: None,
         }
     }
 }
@@ -442,6 +481,45 @@ impl PipelineConfig {
                 "assign.spectral_heads names head {h}, but model.heads has {} (0..{})",
                 m.heads.len(),
                 m.heads.len() - 1
+            ));
+        }
+        let a = &self.assign;
+        if a.spectral_fragments > 0 {
+            let largest = m
+                .heads
+                .iter()
+                .enumerate()
+                .filter(|(h, _)| {
+                    a.spectral_heads
+                        .as_ref()
+                        .is_none_or(|list| list.contains(&(*h as u32)))
+                })
+                .map(|(_, &k)| k)
+                .max()
+                .unwrap_or(0);
+            if a.spectral_fragments <= largest {
+                return Err(format!(
+                    "assign.spectral_fragments = {} must exceed the largest spectral head's K \
+                     ({largest}): the fragments are merged into K groups",
+                    a.spectral_fragments
+                ));
+            }
+        }
+        if let Some(cap) = a
+            .spectral_size_cap
+            .filter(|c| !(c.is_finite() && *c >= 1.0))
+        {
+            return Err(format!(
+                "assign.spectral_size_cap = {cap}: a group of at most that × N / K images must \
+                 be at least 1"
+            ));
+        }
+        if let Some(l) = a
+            .spectral_smoothing_lambda
+            .filter(|l| !(l.is_finite() && *l > 0.0))
+        {
+            return Err(format!(
+                "assign.spectral_smoothing_lambda = {l} must be a positive finite number"
             ));
         }
         if m.widths.is_empty() || m.widths.len() != m.blocks.len() || m.widths.contains(&0) {
@@ -781,6 +859,58 @@ heads = [10]
             .unwrap_err()
             .to_string();
         assert!(err.contains("assign.spectral_heads names head 7"), "{err}");
+    }
+
+    #[test]
+    fn merged_spectral_labels_default_off_and_are_checked() {
+        let (_d, path) = write(MINIMAL);
+        let plain = PipelineConfig::load(&path).unwrap();
+        let off = PipelineConfig::load_with(
+            &path,
+            &[
+                "assign.spectral_fragments=0".into(),
+                "assign.spectral_eigenvectors=0".into(),
+                "assign.spectral_cuts=0".into(),
+                "assign.spectral_smoothing=0".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(plain.hash(), off.hash());
+        let k = plain.model.heads.iter().copied().max().unwrap();
+        let on = PipelineConfig::load_with(
+            &path,
+            &[
+                "assign.spectral=10".into(),
+                format!("assign.spectral_fragments={}", 5 * k),
+                "assign.spectral_eigenvectors=30".into(),
+                "assign.spectral_size_cap=1.3".into(),
+                "assign.spectral_cuts=5".into(),
+                "assign.spectral_smoothing=10".into(),
+                "assign.spectral_smoothing_lambda=8.0".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(on.assign.spectral_size_cap, Some(1.3));
+        assert_ne!(plain.hash(), on.hash());
+        let too_few = PipelineConfig::load_with(&path, &[format!("assign.spectral_fragments={k}")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            too_few.contains("must exceed the largest spectral head's K"),
+            "{too_few}"
+        );
+        let cap = PipelineConfig::load_with(&path, &["assign.spectral_size_cap=0.5".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(cap.contains("assign.spectral_size_cap = 0.5"), "{cap}");
+        let lambda =
+            PipelineConfig::load_with(&path, &["assign.spectral_smoothing_lambda=-1.0".into()])
+                .unwrap_err()
+                .to_string();
+        assert!(
+            lambda.contains("spectral_smoothing_lambda = -1"),
+            "{lambda}"
+        );
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! eigenvectors of the normalised adjacency D^-1/2·W·D^-1/2 ([`eigen`]), each node's row of them
 //! scaled to unit length, then k-means on those rows ([`kmeans`]).
 //!
+//! [`cluster_merged`] instead over-clusters those rows into many fragments and merges them under
+//! a size cap ([`merge`]), for graphs where K-way k-means joins several classes in one blob.
+//!
 //! sela's label step uses it to read labels off the learned embedding's neighbour graph rather
 //! than off the heads (`assign.spectral`). Everything is deterministic for a seed and does not
 //! depend on the number of threads.
@@ -9,10 +12,12 @@
 pub mod eigen;
 pub mod graph;
 pub mod kmeans;
+pub mod merge;
 
 pub use eigen::{leading_eigenpairs, Spectrum};
 pub use graph::Graph;
 pub use kmeans::{kmeans, Partition};
+pub use merge::{merge_fragments, Merge};
 
 /// What can go wrong.
 #[derive(Debug, thiserror::Error)]
@@ -79,13 +84,7 @@ pub fn cluster(
             spectrum.count()
         )));
     }
-    let mut rows = spectrum.leading(k);
-    for row in rows.chunks_mut(k) {
-        let len = row.iter().map(|x| x * x).sum::<f64>().sqrt();
-        if len > 0.0 {
-            row.iter_mut().for_each(|x| *x /= len);
-        }
-    }
+    let rows = unit_rows(spectrum, k);
     let partition = kmeans(
         &rows,
         k,
@@ -104,6 +103,98 @@ pub fn cluster(
         confidence,
         partition,
     })
+}
+
+/// How [`cluster_merged`] over-clusters and merges.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeOptions {
+    /// Fragments k-means cuts the embedding into (more than K).
+    pub fragments: usize,
+    /// Leading eigenvectors the fragments are cut from.
+    pub eigenvectors: usize,
+    /// Largest merged group, as a multiple of N / K (relaxed only when no pair fits).
+    pub size_cap: f64,
+}
+
+/// A K-way clustering merged from fragments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergedClustering {
+    /// Group of every node, `0..k`.
+    pub labels: Vec<u32>,
+    /// Each node's share of graph neighbours in its own group, in [0, 1].
+    pub confidence: Vec<f32>,
+    /// The k-means run that cut the fragments.
+    pub fragments: Partition,
+    /// How the fragments merged.
+    pub merge: Merge,
+}
+
+/// Clusters the nodes of `graph` into `k` groups: k-means into `merge.fragments` fragments on
+/// the first `merge.eigenvectors` eigenvectors of `spectrum` (rows scaled to unit length), then
+/// [`merge_fragments`].
+pub fn cluster_merged(
+    graph: &Graph,
+    spectrum: &Spectrum,
+    k: usize,
+    merge: &MergeOptions,
+    options: &Options,
+) -> Result<MergedClustering, SpectralError> {
+    let dim = merge.eigenvectors;
+    if dim == 0 || dim > spectrum.count() {
+        return Err(SpectralError::Shape(format!(
+            "fragments cut from {dim} eigenvectors; {} were computed",
+            spectrum.count()
+        )));
+    }
+    if merge.fragments <= k {
+        return Err(SpectralError::Shape(format!(
+            "{} fragments cannot be merged into {k} groups: over-clustering needs more than K",
+            merge.fragments
+        )));
+    }
+    let rows = unit_rows(spectrum, dim);
+    let fragments = kmeans(
+        &rows,
+        dim,
+        merge.fragments,
+        options.restarts,
+        options.max_iters,
+        options.seed,
+    )?;
+    let merged = merge_fragments(graph, &fragments.labels, merge.fragments, k, merge.size_cap)?;
+    let labels: Vec<u32> = fragments
+        .labels
+        .iter()
+        .map(|&f| merged.groups[f as usize])
+        .collect();
+    let confidence = (0..graph.nodes())
+        .map(|i| {
+            let near = graph.neighbours(i);
+            let same = near
+                .iter()
+                .filter(|&&j| labels[j as usize] == labels[i])
+                .count();
+            same as f32 / near.len() as f32
+        })
+        .collect();
+    Ok(MergedClustering {
+        labels,
+        confidence,
+        fragments,
+        merge: merged,
+    })
+}
+
+/// The first `dim` eigenvectors of `spectrum`, each node's row scaled to unit length.
+fn unit_rows(spectrum: &Spectrum, dim: usize) -> Vec<f64> {
+    let mut rows = spectrum.leading(dim);
+    for row in rows.chunks_mut(dim) {
+        let len = row.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if len > 0.0 {
+            row.iter_mut().for_each(|x| *x /= len);
+        }
+    }
+    rows
 }
 
 /// Fuzzy c-means membership (m = 2) of `point` in centre `own`.
@@ -179,6 +270,59 @@ mod tests {
             (cluster(&s, 2, &options).unwrap(), s)
         });
         assert_eq!(again, (c, spectrum));
+    }
+
+    #[test]
+    fn merged_fragments_recover_bridged_rings() {
+        // Three rings of 60 bridged in a chain, cut into 9 fragments from 9 eigenvectors and
+        // merged into 3 groups: one group per ring, the same bits on one thread.
+        let (per, reach) = (60, 4);
+        let mut lists = Vec::new();
+        for g in 0..3 {
+            for i in 0..per {
+                for s in 1..=reach {
+                    lists.push((g * per + (i + s) % per) as u32);
+                }
+            }
+        }
+        lists[0] = per as u32;
+        lists[per * reach] = 2 * per as u32;
+        let g = Graph::from_neighbour_lists(&lists, reach).unwrap();
+        let options = Options::default();
+        let merge = MergeOptions {
+            fragments: 9,
+            eigenvectors: 9,
+            size_cap: 1.2,
+        };
+        let run = || {
+            let s = leading_eigenpairs(&g, 9, options.tol, options.max_steps, 1).unwrap();
+            cluster_merged(&g, &s, 3, &merge, &options).unwrap()
+        };
+        let c = run();
+        for ring in c.labels.chunks(per) {
+            assert!(ring.iter().all(|&l| l == ring[0]), "{ring:?}");
+        }
+        assert_eq!(c.labels[0], 0);
+        assert_eq!(c.labels[per], 1);
+        assert_eq!(c.labels[2 * per], 2);
+        assert!(c.confidence.iter().all(|&x| (0.75..=1.0).contains(&x)));
+        let single = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        assert_eq!(single.install(run), c);
+
+        let s = leading_eigenpairs(&g, 9, options.tol, options.max_steps, 1).unwrap();
+        let too_few = MergeOptions {
+            fragments: 3,
+            ..merge.clone()
+        };
+        assert!(cluster_merged(&g, &s, 3, &too_few, &options).is_err());
+        let too_many_vectors = MergeOptions {
+            eigenvectors: 10,
+            ..merge
+        };
+        assert!(cluster_merged(&g, &s, 3, &too_many_vectors, &options).is_err());
     }
 
     #[test]

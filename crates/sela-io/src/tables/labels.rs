@@ -80,6 +80,43 @@ pub struct SpectralStats {
     pub lanczos_steps: usize,
     /// Wall time of the neighbour search, graph and eigenvectors, seconds.
     pub seconds: f64,
+    /// How K-way labels were merged from fragments (`assign.spectral_fragments`); absent when
+    /// they were read off K-way k-means.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeSettings>,
+}
+
+/// The settings of spectral labels merged from fragments.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MergeSettings {
+    /// Fragments k-means cut the embedding into.
+    pub fragments: usize,
+    /// Leading eigenvectors the fragments were cut from.
+    pub eigenvectors: usize,
+    /// Cap on a merged group's size, × N / K, before any relaxation.
+    pub size_cap: f64,
+    /// Fragment cuts made (one k-means seed each); the merged partition agreeing best with the
+    /// others was kept.
+    pub cuts: usize,
+    /// Steps of balanced label propagation after the merge (0: none).
+    pub smoothing_steps: usize,
+    /// The exponent λ of those steps' transport problems.
+    pub smoothing_lambda: f64,
+}
+
+/// How one head's merged spectral labels came out.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MergeReport {
+    /// The cut kept (`0..cuts`).
+    pub kept_cut: usize,
+    /// Its mean NMI with the other cuts' merged partitions (1 for a single cut).
+    pub agreement: f64,
+    /// Cap on a group's size (images) at the last merge, after any relaxation.
+    pub final_cap: f64,
+    /// Steps of balanced label propagation run (fewer than asked when the labels settled).
+    pub smoothing_steps: usize,
+    /// Fraction of images whose label the propagation changed.
+    pub smoothing_changed: f64,
 }
 
 fn plain_updates() -> String {
@@ -134,6 +171,9 @@ pub struct HeadStats {
     pub churn_nmi: Option<f64>,
     /// log β, the column duals, for warm-starting the next solve (empty for spectral labels).
     pub log_beta: Vec<f64>,
+    /// For spectral labels merged from fragments: how the merge and the propagation went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeReport>,
 }
 
 /// The labels contract.
