@@ -344,7 +344,7 @@ impl Settings {
                 .spectral_size_cap
                 .or(d.spectral_size_cap)
                 .unwrap_or(sela_config::DEFAULT_SPECTRAL_SIZE_CAP),
-            cuts: args.spectral_cuts.unwrap_or(d.spectral_cuts).max(1),
+            cuts: args.spectral_cuts.unwrap_or(d.spectral_cuts),
             smoothing_steps: args.spectral_smoothing.unwrap_or(d.spectral_smoothing),
             smoothing_lambda: args
                 .spectral_smoothing_lambda

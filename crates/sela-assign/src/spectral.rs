@@ -52,7 +52,8 @@ pub struct SpectralLabels {
 
 impl SpectralLabels {
     /// Joins every row of `features` to its `neighbours` nearest rows in the embedding and
-    /// computes the graph's `max_k` leading eigenvectors (or `merge`'s count, if more).
+    /// computes the graph's `max_k` leading eigenvectors (or `merge`'s count, if more; 0
+    /// eigenvectors in `merge` means `max_k`, 0 cuts one cut).
     pub fn compute(
         features: &Path,
         neighbours: usize,
@@ -64,6 +65,7 @@ impl SpectralLabels {
             if m.eigenvectors == 0 {
                 m.eigenvectors = max_k;
             }
+            m.cuts = m.cuts.max(1);
         }
         let count = merge.as_ref().map_or(max_k, |m| m.eigenvectors.max(max_k));
         let start = Instant::now();
@@ -199,7 +201,7 @@ impl SpectralLabels {
             eigenvectors: merge.eigenvectors,
             size_cap: merge.size_cap,
         };
-        let cuts = (0..merge.cuts.max(1) as u64)
+        let cuts = (0..merge.cuts as u64)
             .map(|cut| {
                 let seeded = Options {
                     seed: self.options.seed.wrapping_add(cut),

@@ -230,6 +230,23 @@ pub(crate) fn unit_draw(seed: u64, stream: u64, index: u64) -> f64 {
 mod tests {
     use super::*;
 
+    /// `groups` rings of `per` nodes (each joined to its `reach` successors), ring g bridged to
+    /// ring g + 1 by one edge.
+    pub(crate) fn rings(groups: usize, per: usize, reach: usize) -> Graph {
+        let mut lists = Vec::new();
+        for g in 0..groups {
+            for i in 0..per {
+                for s in 1..=reach {
+                    lists.push((g * per + (i + s) % per) as u32);
+                }
+            }
+        }
+        for g in 0..groups - 1 {
+            lists[g * per * reach] = ((g + 1) * per) as u32;
+        }
+        Graph::from_neighbour_lists(&lists, reach).unwrap()
+    }
+
     /// Two dense groups of `per` nodes (each node joined to its `reach` successors within the
     /// group, around a ring), bridged by a single edge.
     fn two_groups(per: usize, reach: usize) -> Graph {
@@ -276,18 +293,8 @@ mod tests {
     fn merged_fragments_recover_bridged_rings() {
         // Three rings of 60 bridged in a chain, cut into 9 fragments from 9 eigenvectors and
         // merged into 3 groups: one group per ring, the same bits on one thread.
-        let (per, reach) = (60, 4);
-        let mut lists = Vec::new();
-        for g in 0..3 {
-            for i in 0..per {
-                for s in 1..=reach {
-                    lists.push((g * per + (i + s) % per) as u32);
-                }
-            }
-        }
-        lists[0] = per as u32;
-        lists[per * reach] = 2 * per as u32;
-        let g = Graph::from_neighbour_lists(&lists, reach).unwrap();
+        let per = 60;
+        let g = rings(3, per, 4);
         let options = Options::default();
         let merge = MergeOptions {
             fragments: 9,

@@ -129,23 +129,7 @@ pub fn merge_fragments(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `groups` rings of `per` nodes (each joined to its `reach` successors), ring g bridged to
-    /// ring g + 1 by one edge.
-    fn rings(groups: usize, per: usize, reach: usize) -> Graph {
-        let mut lists = Vec::new();
-        for g in 0..groups {
-            for i in 0..per {
-                for s in 1..=reach {
-                    lists.push((g * per + (i + s) % per) as u32);
-                }
-            }
-        }
-        for g in 0..groups - 1 {
-            lists[g * per * reach] = ((g + 1) * per) as u32;
-        }
-        Graph::from_neighbour_lists(&lists, reach).unwrap()
-    }
+    use crate::tests::rings;
 
     #[test]
     fn merges_the_halves_of_each_ring() {
