@@ -1,4 +1,4 @@
-//! Lloyd's k-means with k-means++ seeding and restarts, deterministic for a seed and independent
+//! Lloyd's k-means with greedy k-means++ seeding and restarts, deterministic for a seed and independent
 //! of the number of threads.
 
 use rayon::prelude::*;
@@ -21,7 +21,7 @@ pub struct Partition {
 }
 
 /// Partitions the row-major `points` (`dim` columns) into `k` clusters: `restarts` runs of
-/// k-means++ seeding and at most `max_iters` Lloyd iterations; the run of least inertia wins
+/// greedy k-means++ seeding and at most `max_iters` Lloyd iterations; the run of least inertia wins
 /// (the earliest among equals). A cluster left empty takes the point farthest from its centre.
 pub fn kmeans(
     points: &[f64],
@@ -78,11 +78,16 @@ fn nearest_centres(points: &[f64], dim: usize, centres: &[f64]) -> Vec<(u32, f64
         .collect()
 }
 
-/// k-means++: the first centre uniformly, each next one with probability ∝ squared distance to
-/// the nearest centre so far.
+/// Greedy k-means++ seeding: the first centre uniformly, then at each step
+/// `2 + ⌊ln k⌋` candidates drawn with probability proportional to the squared distance to the
+/// nearest centre so far, keeping the candidate that leaves the smallest total squared distance.
+/// Trying several candidates a step avoids most of the poor seeds a single draw makes, which
+/// Lloyd's iterations cannot repair. Every draw comes from `(seed, restart, step, trial)`, every
+/// sum is taken in point order, so the centres do not depend on the number of threads.
 fn seed_centres(points: &[f64], dim: usize, k: usize, seed: u64, restart: u64) -> Vec<f64> {
     let n = points.len() / dim;
     let stream = 1_000_000 + restart;
+    let trials = 2 + (k as f64).ln().floor() as usize;
     let first = ((unit_draw(seed, stream, 0) * n as f64) as usize).min(n - 1);
     let mut centres = points[first * dim..(first + 1) * dim].to_vec();
     let mut nearest: Vec<f64> = points
@@ -91,26 +96,35 @@ fn seed_centres(points: &[f64], dim: usize, k: usize, seed: u64, restart: u64) -
         .collect();
     for c in 1..k {
         let total: f64 = nearest.iter().sum();
-        let pick = if total > 0.0 {
-            let target = unit_draw(seed, stream, c as u64) * total;
-            let mut acc = 0.0;
-            nearest
-                .iter()
-                .position(|&d| {
-                    acc += d;
-                    acc > target
-                })
-                .unwrap_or(n - 1)
-        } else {
-            // Every point sits on a centre already: take any.
-            c % n
-        };
-        let centre = &points[pick * dim..(pick + 1) * dim];
-        centres.extend_from_slice(centre);
-        nearest
-            .par_iter_mut()
-            .zip(points.par_chunks(dim))
-            .for_each(|(d, p)| *d = d.min(distance2(p, centre)));
+        let mut best: Option<(f64, Vec<f64>)> = None;
+        for t in 0..trials {
+            let pick = if total > 0.0 {
+                let target = unit_draw(seed, stream, (c * trials + t) as u64) * total;
+                let mut acc = 0.0;
+                nearest
+                    .iter()
+                    .position(|&d| {
+                        acc += d;
+                        acc > target
+                    })
+                    .unwrap_or(n - 1)
+            } else {
+                (c + t) % n
+            };
+            let centre = &points[pick * dim..(pick + 1) * dim];
+            let after: Vec<f64> = nearest
+                .par_iter()
+                .zip(points.par_chunks(dim))
+                .map(|(&d, p)| d.min(distance2(p, centre)))
+                .collect();
+            let potential: f64 = after.iter().sum();
+            if best.as_ref().is_none_or(|(b, _)| potential < *b) {
+                centres.truncate(c * dim);
+                centres.extend_from_slice(centre);
+                best = Some((potential, after));
+            }
+        }
+        nearest = best.expect("at least one trial").1;
     }
     centres
 }

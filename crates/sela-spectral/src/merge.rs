@@ -6,7 +6,9 @@
 //! Two fragments a and b are joined by their normalised association C_ab / (vol_a · vol_b):
 //! C_ab the edges between them, vol the sum of their nodes' degrees. The pair of highest
 //! association whose merged size stays under the cap merges first; when no pair fits and more
-//! than K groups are left, the cap grows by 5 % until one does.
+//! than K groups are left, the cap grows by 5 % until one does. Fragments with no edge between
+//! them merge only when no joined pair is left: the cap grows first, since a group of unrelated
+//! fragments is never the structure sought.
 
 use crate::graph::Graph;
 use crate::SpectralError;
@@ -80,10 +82,14 @@ pub fn merge_fragments(
     let mut owner: Vec<usize> = (0..m).collect();
     let mut cap = size_cap * n as f64 / k as f64;
     while groups_left > k {
+        let joined = |a: usize, b: usize| links[a * m + b] > 0.0;
+        let any_joined = (0..m)
+            .filter(|&a| alive[a])
+            .any(|a| (a + 1..m).any(|b| alive[b] && joined(a, b)));
         let mut best: Option<(f64, usize, usize)> = None;
         for a in (0..m).filter(|&a| alive[a]) {
             for b in (a + 1..m).filter(|&b| alive[b]) {
-                if (size[a] + size[b]) as f64 > cap {
+                if (size[a] + size[b]) as f64 > cap || (any_joined && !joined(a, b)) {
                     continue;
                 }
                 let score = links[a * m + b] / (volume[a] * volume[b]).max(f64::MIN_POSITIVE);
@@ -172,6 +178,37 @@ mod tests {
         let two = merge_fragments(&g, &fragment_of, 4, 2, 1.0).unwrap();
         assert!(two.final_cap >= 80.0, "{}", two.final_cap);
         assert_eq!(two.groups, vec![0, 0, 1, 1]);
+    }
+
+    #[test]
+    fn unjoined_fragments_merge_only_when_no_joined_pair_is_left() {
+        // Three separate rings: A (60 nodes, fragments 0 and 1 of 30), B (20: fragments 2 and 3
+        // of 10) and C (10: fragment 4). Into 3 groups under a cap of 30: B's halves merge;
+        // then only B + C (no edge between them) would fit, so the cap grows until A's halves
+        // do instead.
+        let mut lists = Vec::new();
+        let mut first = 0;
+        for s in [60usize, 20, 10] {
+            for i in 0..s {
+                for r in 1..=3 {
+                    lists.push((first + (i + r) % s) as u32);
+                }
+            }
+            first += s;
+        }
+        let g = Graph::from_neighbour_lists(&lists, 3).unwrap();
+        let fragment_of: Vec<u32> = (0..90)
+            .map(|i| [0, 0, 0, 1, 1, 1, 2, 3, 4][i / 10])
+            .collect();
+        let merge = merge_fragments(&g, &fragment_of, 5, 3, 1.0).unwrap();
+        assert_eq!(merge.groups, vec![0, 0, 1, 1, 2]);
+        assert!(merge.final_cap >= 60.0, "{}", merge.final_cap);
+        // Separate rings beyond K: unjoined pairs must merge, and do.
+        let rings_only: Vec<u32> = (0..90)
+            .map(|i| [0, 1, 2][(i >= 60) as usize + (i >= 80) as usize])
+            .collect();
+        let two = merge_fragments(&g, &rings_only, 3, 2, 1.0).unwrap();
+        assert_eq!(two.groups, vec![0, 1, 1]);
     }
 
     #[test]
