@@ -134,9 +134,9 @@ pub struct Args {
     /// assign.spectral_size_cap, default 1.2].
     #[arg(long, value_name = "X")]
     pub spectral_size_cap: Option<f64>,
-    /// With --spectral-fragments: cut the fragments COUNT times (one k-means seed each) and keep
-    /// the merged partition that agrees best with the others [config assign.spectral_cuts,
-    /// default 1].
+    /// With --spectral-fragments: cut the fragments COUNT times (one k-means run from its own
+    /// seed each) and keep the merged partition of highest modularity on the graph [config
+    /// assign.spectral_cuts, default 1].
     #[arg(long, value_name = "COUNT")]
     pub spectral_cuts: Option<usize>,
     /// With --spectral-fragments: steps of balanced label propagation on the graph after the
@@ -590,6 +590,7 @@ pub(crate) fn head_stats<C: Reduce>(
         churn_nmi: None,
         log_beta: solver.log_beta(),
         merge: None,
+        predicted_agreement: None,
     }
 }
 
@@ -783,7 +784,8 @@ pub fn run(args: &Args) -> anyhow::Result<Summary> {
         let (n, k) = (matrix.ids.len(), matrix.cols);
         let ctx = || format!("{}: column `{column}`", args.logits.display());
         if let Some(spectral) = spectral.as_mut().filter(|_| is_spectral(head)) {
-            let (labels, mut head_stats) = spectral.head((head, column), &matrix.ids, k, &ctx())?;
+            let (labels, mut head_stats) =
+                spectral.head((head, column), &matrix.ids, &matrix.values, k, &ctx())?;
             if let Some((path, prev)) = &previous {
                 if let Some(p) = prev.heads.get(&head) {
                     // Spectral cluster numbers are arbitrary: only the NMI says what changed.

@@ -128,21 +128,33 @@ impl SpectralLabels {
         &self.stats
     }
 
-    /// The K-way labels of `head` (column `column`, rows `ids`, which must be the embedding's);
-    /// heads of one K get the same clustering, made once.
+    /// The K-way labels of `head` (column `column`, rows `ids`, which must be the embedding's),
+    /// its clusters numbered to agree best with the head's own predictions (the argmax of each
+    /// row of `logits`, row-major `ids.len() × k`); heads of one K get the same clustering, made
+    /// once.
     pub fn head(
         &mut self,
         (head, column): (u32, &str),
         ids: &[u64],
+        logits: &[f32],
         k: usize,
         context: &str,
     ) -> anyhow::Result<(HeadLabels, HeadStats)> {
         same_rows(ids, &self.ids, context)?;
+        if logits.len() != ids.len() * k {
+            bail!(
+                "{context}: {} logits for {} rows of K = {k}",
+                logits.len(),
+                ids.len()
+            );
+        }
         if !self.clusterings.contains_key(&k) {
             let made = self.make(k).map_err(|e| anyhow!("{context}: {e}"))?;
             self.clusterings.insert(k, made);
         }
         let clustering = &self.clusterings[&k];
+        let mut labels = clustering.labels.clone();
+        let agreement = align_to_predictions(&mut labels, logits, k);
         let n = ids.len();
         let mut sizes = vec![0usize; k];
         for &l in &clustering.labels {
@@ -175,10 +187,11 @@ impl SpectralLabels {
             churn_nmi: None,
             log_beta: Vec::new(),
             merge: clustering.merge.clone(),
+            predicted_agreement: Some(agreement),
         };
         let labels = HeadLabels {
             ids: ids.to_vec(),
-            labels: clustering.labels.clone(),
+            labels,
             confidence: clustering.confidence.clone(),
         };
         Ok((labels, stats))
@@ -201,17 +214,21 @@ impl SpectralLabels {
             eigenvectors: merge.eigenvectors,
             size_cap: merge.size_cap,
         };
+        // One k-means run a cut: its inertia says little about how well the fragments merge, so
+        // the cuts are judged after merging, by the modularity of the merged partition.
         let cuts = (0..merge.cuts as u64)
             .map(|cut| {
                 let seeded = Options {
                     seed: self.options.seed.wrapping_add(cut),
+                    restarts: 1,
                     ..self.options.clone()
                 };
                 sela_spectral::cluster_merged(&self.graph, &self.spectrum, k, &options, &seeded)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let (kept, agreement) =
-            most_central(&cuts.iter().map(|c| &c.labels[..]).collect::<Vec<_>>());
+        let partitions: Vec<&[u32]> = cuts.iter().map(|c| &c.labels[..]).collect();
+        let (kept, modularity) = most_modular(&self.graph, &partitions, k);
+        let agreement = agreement(&partitions, kept);
         let c = cuts.into_iter().nth(kept).expect("the kept cut exists");
         let merged = c.labels.clone();
         let (labels, confidence, steps) = if merge.smoothing_steps > 0 {
@@ -231,6 +248,7 @@ impl SpectralLabels {
             converged: c.fragments.converged,
             merge: Some(MergeReport {
                 kept_cut: kept,
+                modularity,
                 agreement,
                 final_cap: c.merge.final_cap,
                 smoothing_steps: steps,
@@ -242,23 +260,53 @@ impl SpectralLabels {
     }
 }
 
-/// The partition of `partitions` that agrees best with the others (highest mean NMI; the
-/// first among equals), and that mean (1 for a single partition).
-fn most_central(partitions: &[&[u32]]) -> (usize, f64) {
-    let m = partitions.len();
-    if m < 2 {
-        return (0, 1.0);
+/// Renumbers the clusters of `labels` (`0..k`) so that as many rows as possible carry the head's
+/// own prediction, the argmax of their row of `logits` (row-major, `k` per row; the first of
+/// equal maxima), and returns the share of rows that then do. A cluster's number means nothing
+/// to the clustering, but the head trained next starts from what it predicts now, so the
+/// renumbering keeps it from having to unlearn an arbitrary permutation.
+pub fn align_to_predictions(labels: &mut [u32], logits: &[f32], k: usize) -> f64 {
+    let mut overlap = vec![0u64; k * k];
+    for (row, &label) in logits.chunks(k).zip(labels.iter()) {
+        let predicted = (1..k).fold(0, |best, c| if row[c] > row[best] { c } else { best });
+        overlap[label as usize * k + predicted] += 1;
     }
-    let mut total = vec![0.0; m];
-    for a in 0..m {
-        for b in a + 1..m {
-            let x = sela_metrics::nmi(partitions[a], partitions[b]);
-            total[a] += x;
-            total[b] += x;
-        }
+    let cost: Vec<f64> = overlap.iter().map(|&c| -(c as f64)).collect();
+    let renumber: Vec<u32> = sela_metrics::hungarian(&cost, k, k)
+        .into_iter()
+        .map(|to| to.expect("a square matching pairs every cluster") as u32)
+        .collect();
+    let agreeing: u64 = (0..k).map(|c| overlap[c * k + renumber[c] as usize]).sum();
+    labels.iter_mut().for_each(|l| *l = renumber[*l as usize]);
+    agreeing as f64 / labels.len().max(1) as f64
+}
+
+/// The partition of `partitions` (groups `0..k` of `graph`'s nodes) of highest modularity (the
+/// first among equals), and that modularity.
+fn most_modular(graph: &Graph, partitions: &[&[u32]], k: usize) -> (usize, f64) {
+    partitions
+        .iter()
+        .map(|p| graph.modularity(p, k))
+        .enumerate()
+        .fold((0, f64::NEG_INFINITY), |best, (i, q)| {
+            if q > best.1 {
+                (i, q)
+            } else {
+                best
+            }
+        })
+}
+
+/// The mean NMI of partition `kept` with the other `partitions` (1 when there are none).
+fn agreement(partitions: &[&[u32]], kept: usize) -> f64 {
+    if partitions.len() < 2 {
+        return 1.0;
     }
-    let best = (0..m).fold(0, |best, i| if total[i] > total[best] { i } else { best });
-    (best, total[best] / (m - 1) as f64)
+    let total: f64 = (0..partitions.len())
+        .filter(|&i| i != kept)
+        .map(|i| sela_metrics::nmi(partitions[kept], partitions[i]))
+        .sum();
+    total / (partitions.len() - 1) as f64
 }
 
 /// Balanced label propagation: at most `steps` times, every node's label becomes its argmax of
@@ -327,16 +375,37 @@ mod tests {
     }
 
     #[test]
-    fn the_most_central_partition_agrees_with_the_majority() {
-        let odd = [0, 1, 0, 1, 0, 1];
-        let a = [0, 0, 0, 1, 1, 1];
-        // The same partition as `a` under other cluster numbers.
-        let b = [1, 1, 1, 0, 0, 0];
-        assert_eq!(most_central(&[&odd, &a, &b]).0, 1);
-        let (kept, agreement) = most_central(&[&a, &b, &odd]);
-        assert_eq!(kept, 0);
-        assert!(agreement > 0.5 && agreement < 1.0, "{agreement}");
-        assert_eq!(most_central(&[&odd]), (0, 1.0));
+    fn the_most_modular_partition_is_kept() {
+        let per = 20;
+        let g = two_rings(per, 3);
+        let rings: Vec<u32> = (0..2 * per).map(|i| (i / per) as u32).collect();
+        // Halves that cut across both rings, and the rings themselves under other numbers.
+        let across: Vec<u32> = (0..2 * per).map(|i| ((i / (per / 2)) % 2) as u32).collect();
+        let renumbered: Vec<u32> = rings.iter().map(|&l| 1 - l).collect();
+        let (kept, q) = most_modular(&g, &[&across, &rings, &renumbered], 2);
+        assert_eq!(kept, 1, "the first of equals");
+        assert_eq!(q, g.modularity(&rings, 2));
+        assert!(g.modularity(&across, 2) < q);
+        assert_eq!(agreement(&[&across, &rings, &renumbered], 1), {
+            (sela_metrics::nmi(&rings, &across) + 1.0) / 2.0
+        });
+        assert_eq!(agreement(&[&rings], 0), 1.0);
+    }
+
+    #[test]
+    fn clusters_are_renumbered_to_the_heads_predictions() {
+        // Clusters 0, 1, 2 are mostly predicted as 2, 0, 1; row 5 disagrees.
+        let mut labels = vec![0, 0, 1, 1, 2, 2];
+        let one_hot = |c: usize| (0..3).map(move |j| if j == c { 1.0 } else { 0.0 });
+        let logits: Vec<f32> = [2, 2, 0, 0, 1, 0].into_iter().flat_map(one_hot).collect();
+        let agreement = align_to_predictions(&mut labels, &logits, 3);
+        assert_eq!(labels, vec![2, 2, 0, 0, 1, 1]);
+        assert!((agreement - 5.0 / 6.0).abs() < 1e-12, "{agreement}");
+        // Already agreeing labels stay as they are.
+        let mut same = labels.clone();
+        let exact: Vec<f32> = labels.iter().flat_map(|&c| one_hot(c as usize)).collect();
+        assert_eq!(align_to_predictions(&mut same, &exact, 3), 1.0);
+        assert_eq!(same, labels);
     }
 
     #[test]

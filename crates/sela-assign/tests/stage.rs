@@ -296,26 +296,33 @@ fn group(i: usize) -> usize {
     i % 3
 }
 
-/// Features of `n` rows in three hidden groups, g = i mod 3, each a tight bundle of directions
-/// around one axis of the embedding; heads of K = 3 and K = 6 whose logits are noise.
+/// Features of `n` rows in three hidden groups, g = i mod 3, each a circle of directions
+/// around one axis of the embedding ([`three_group_embedding`]); heads of K = 3 and K = 6 whose logits are noise.
 fn write_three_groups(path: &Path, n: usize) {
-    let emb: Vec<f32> = (0..n)
-        .flat_map(|i| {
-            let mut v = [
-                0.2 * noise(i, 0, 1),
-                0.2 * noise(i, 1, 1),
-                0.2 * noise(i, 2, 1),
-            ];
-            v[group(i)] = 1.0;
-            v
-        })
-        .collect();
     let heads = [3, 6];
     let per_head: Vec<Vec<f32>> = heads
         .iter()
         .map(|&k| (0..n * k).map(|j| noise(j, 7, 9)).collect())
         .collect();
-    write_features(path, &emb, 3, &heads, &per_head);
+    write_features(path, &three_group_embedding(n), 3, &heads, &per_head);
+}
+
+/// `n` rows of three hidden groups (`group(i)`), each a bundle of directions around one
+/// axis of a 3-dimensional embedding: a small circle about the axis, so that within a group
+/// nearness follows the position on the circle (i / 3 of n / 3).
+fn three_group_embedding(n: usize) -> Vec<f32> {
+    let per = n.div_ceil(3) as f32;
+    (0..n)
+        .flat_map(|i| {
+            let g = group(i);
+            let angle = std::f32::consts::TAU * (i / 3) as f32 / per;
+            let mut v = [0.0; 3];
+            v[g] = 1.0;
+            v[(g + 1) % 3] = 0.2 * angle.cos();
+            v[(g + 2) % 3] = 0.2 * angle.sin();
+            v
+        })
+        .collect()
 }
 
 /// Whether every one of the `k` clusters of `labels` is used and lies within one group.
@@ -330,7 +337,7 @@ fn pure(labels: &[u32], k: usize) -> bool {
 
 #[test]
 fn spectral_labels_follow_the_embedding_graph() {
-    // 300 rows of three hidden groups, g = i mod 3, each a tight bundle of directions around
+    // 300 rows of three hidden groups, g = i mod 3, each a small circle of directions around
     // one axis of the embedding; the heads' logits are noise. Spectral labels recover the
     // groups exactly (K = 3) or split them without mixing (K = 6), whatever the heads say.
     let dir = tempfile::tempdir().unwrap();
@@ -426,6 +433,43 @@ fn spectral_labels_follow_the_embedding_graph() {
 }
 
 #[test]
+fn spectral_clusters_take_the_numbers_each_head_predicts() {
+    // Two K = 3 heads that already predict the three groups, under different numberings (and
+    // with noise); both get the one spectral clustering, each numbered as it predicts.
+    let dir = tempfile::tempdir().unwrap();
+    let (feats, n) = (dir.path().join("features.parquet"), 300);
+    let predicting = |shift: usize| -> Vec<f32> {
+        (0..n)
+            .flat_map(|i| {
+                (0..3).map(move |c| 0.2 * noise(i, c, 4) + f32::from(c == (group(i) + shift) % 3))
+            })
+            .collect()
+    };
+    let per_head = [predicting(1), predicting(2)];
+    write_features(&feats, &three_group_embedding(n), 3, &[3, 3], &per_head);
+    let out = dir.path().join("labels.parquet");
+    run(&args(&[
+        "--logits",
+        p(&feats),
+        "--output",
+        p(&out),
+        "-q",
+        "--spectral",
+        "10",
+    ]))
+    .unwrap();
+    let read = labels::read(&out).unwrap();
+    for (head, shift) in [(0, 1), (1, 2)] {
+        let want: Vec<u32> = (0..n).map(|i| ((group(i) + shift) % 3) as u32).collect();
+        assert_eq!(read.heads[&head].labels, want, "head {head}");
+    }
+    let stats = read_stats(&dir.path().join("assign-stats.json"));
+    for h in &stats.heads {
+        assert_eq!(h.predicted_agreement, Some(1.0), "head {}", h.head);
+    }
+}
+
+#[test]
 fn merged_spectral_labels_rejoin_the_fragments_of_each_group() {
     // The three groups of `write_three_groups`, cut into 9 fragments from 6
     // eigenvectors and merged: K = 3 recovers the groups, K = 6 splits them without mixing.
@@ -476,7 +520,10 @@ fn merged_spectral_labels_rejoin_the_fragments_of_each_group() {
         assert!(report.smoothing_steps >= 1 && report.smoothing_steps <= 5);
         assert!((0.0..=1.0).contains(&report.smoothing_changed));
         assert!(report.kept_cut < 3 && (0.0..=1.0).contains(&report.agreement));
+        assert!(report.modularity > 0.0 && report.modularity < 1.0);
         assert!(report.final_cap >= 1.2 * n as f64 / h.k as f64);
+        let predicted = h.predicted_agreement.expect("spectral heads are aligned");
+        assert!((0.0..=1.0).contains(&predicted));
     }
     // Deterministic.
     run(&args(&[&base[..], &merged].concat())).unwrap();

@@ -190,9 +190,9 @@ pub struct AssignSection {
     /// when no pair fits); unset (left out of the config hash): 1.2.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spectral_size_cap: Option<f64>,
-    /// With `spectral_fragments`: cut the fragments this many times (k-means seeds
-    /// `pipeline.seed`, `pipeline.seed + 1`, …) and keep the merged partition that agrees best
-    /// (mean NMI) with the others; 0 or 1 (0 left out of the config hash): one cut.
+    /// With `spectral_fragments`: cut the fragments this many times (one k-means run each, seeds
+    /// `pipeline.seed`, `pipeline.seed + 1`, …) and keep the merged partition of highest
+    /// modularity on the graph; 0 or 1 (0 left out of the config hash): one cut.
     #[serde(skip_serializing_if = "is_zero")]
     pub spectral_cuts: usize,
     /// With `spectral_fragments`: steps of balanced label propagation after the merge, each

@@ -95,8 +95,8 @@ pub struct MergeSettings {
     pub eigenvectors: usize,
     /// Cap on a merged group's size, × N / K, before any relaxation.
     pub size_cap: f64,
-    /// Fragment cuts made (one k-means seed each); the merged partition agreeing best with the
-    /// others was kept.
+    /// Fragment cuts made (one k-means run each, from its own seed); the merged partition of
+    /// highest modularity was kept.
     pub cuts: usize,
     /// Steps of balanced label propagation after the merge (0: none).
     pub smoothing_steps: usize,
@@ -107,9 +107,14 @@ pub struct MergeSettings {
 /// How one head's merged spectral labels came out.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MergeReport {
-    /// The cut kept (`0..cuts`).
+    /// The cut kept (`0..cuts`): the one whose merged partition has the highest modularity on
+    /// the graph.
     pub kept_cut: usize,
-    /// Its mean NMI with the other cuts' merged partitions (1 for a single cut).
+    /// That modularity (0 in statistics written before cuts were chosen by it).
+    #[serde(default)]
+    pub modularity: f64,
+    /// The kept partition's mean NMI with the other cuts' merged partitions (1 for a single
+    /// cut).
     pub agreement: f64,
     /// Cap on a group's size (images) at the last merge, after any relaxation.
     pub final_cap: f64,
@@ -174,6 +179,10 @@ pub struct HeadStats {
     /// For spectral labels merged from fragments: how the merge and the propagation went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeReport>,
+    /// For spectral labels: the share of rows whose label is the head's own prediction (argmax
+    /// of its logits) once the clusters are renumbered to agree with those predictions best.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_agreement: Option<f64>,
 }
 
 /// The labels contract.
