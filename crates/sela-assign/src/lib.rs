@@ -615,6 +615,29 @@ pub(crate) fn report_head(h: &HeadStats) {
         h.max_cluster_size,
         h.seconds
     );
+    if let Some(m) = &h.merge {
+        let runner_up = m
+            .cut_modularities
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != m.kept_cut)
+            .map(|(_, &q)| q)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let margin = if runner_up.is_finite() {
+            format!(" (next best {runner_up:.4})")
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "head {}: kept cut {} of {}, modularity {:.4}{margin}; smoothing changed {:.1}% of \
+             the labels",
+            h.head,
+            m.kept_cut,
+            m.cut_modularities.len(),
+            m.modularity,
+            100.0 * m.smoothing_changed
+        );
+    }
 }
 
 /// The labels file's metadata: provenance and the statistics.

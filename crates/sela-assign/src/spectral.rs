@@ -227,7 +227,11 @@ impl SpectralLabels {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let partitions: Vec<&[u32]> = cuts.iter().map(|c| &c.labels[..]).collect();
-        let (kept, modularity) = most_modular(&self.graph, &partitions, k);
+        let cut_modularities: Vec<f64> = partitions
+            .iter()
+            .map(|p| self.graph.modularity(p, k))
+            .collect();
+        let kept = most_modular(&cut_modularities);
         let agreement = agreement(&partitions, kept);
         let c = cuts.into_iter().nth(kept).expect("the kept cut exists");
         let merged = c.labels.clone();
@@ -248,7 +252,8 @@ impl SpectralLabels {
             converged: c.fragments.converged,
             merge: Some(MergeReport {
                 kept_cut: kept,
-                modularity,
+                modularity: cut_modularities[kept],
+                cut_modularities,
                 agreement,
                 final_cap: c.merge.final_cap,
                 smoothing_steps: steps,
@@ -281,20 +286,19 @@ pub fn align_to_predictions(labels: &mut [u32], logits: &[f32], k: usize) -> f64
     agreeing as f64 / labels.len().max(1) as f64
 }
 
-/// The partition of `partitions` (groups `0..k` of `graph`'s nodes) of highest modularity (the
-/// first among equals), and that modularity.
-fn most_modular(graph: &Graph, partitions: &[&[u32]], k: usize) -> (usize, f64) {
-    partitions
+/// The index of the highest of the cuts' `modularities` (the first among equals).
+fn most_modular(modularities: &[f64]) -> usize {
+    modularities
         .iter()
-        .map(|p| graph.modularity(p, k))
         .enumerate()
-        .fold((0, f64::NEG_INFINITY), |best, (i, q)| {
+        .fold((0, f64::NEG_INFINITY), |best, (i, &q)| {
             if q > best.1 {
                 (i, q)
             } else {
                 best
             }
         })
+        .0
 }
 
 /// The mean NMI of partition `kept` with the other `partitions` (1 when there are none).
@@ -382,10 +386,13 @@ mod tests {
         // Halves that cut across both rings, and the rings themselves under other numbers.
         let across: Vec<u32> = (0..2 * per).map(|i| ((i / (per / 2)) % 2) as u32).collect();
         let renumbered: Vec<u32> = rings.iter().map(|&l| 1 - l).collect();
-        let (kept, q) = most_modular(&g, &[&across, &rings, &renumbered], 2);
-        assert_eq!(kept, 1, "the first of equals");
-        assert_eq!(q, g.modularity(&rings, 2));
-        assert!(g.modularity(&across, 2) < q);
+        let q: Vec<f64> = [&across, &rings, &renumbered]
+            .iter()
+            .map(|p| g.modularity(p, 2))
+            .collect();
+        assert!(q[0] < q[1] && q[1] == q[2]);
+        assert_eq!(most_modular(&q), 1, "the first of equals");
+        assert_eq!(most_modular(&[0.2, 0.5, 0.4]), 1);
         assert_eq!(agreement(&[&across, &rings, &renumbered], 1), {
             (sela_metrics::nmi(&rings, &across) + 1.0) / 2.0
         });

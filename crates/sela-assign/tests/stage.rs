@@ -521,6 +521,12 @@ fn merged_spectral_labels_rejoin_the_fragments_of_each_group() {
         assert!((0.0..=1.0).contains(&report.smoothing_changed));
         assert!(report.kept_cut < 3 && (0.0..=1.0).contains(&report.agreement));
         assert!(report.modularity > 0.0 && report.modularity < 1.0);
+        assert_eq!(report.cut_modularities.len(), 3);
+        assert_eq!(report.cut_modularities[report.kept_cut], report.modularity);
+        assert!(report
+            .cut_modularities
+            .iter()
+            .all(|&q| q <= report.modularity));
         assert!(report.final_cap >= 1.2 * n as f64 / h.k as f64);
         let predicted = h.predicted_agreement.expect("spectral heads are aligned");
         assert!((0.0..=1.0).contains(&predicted));

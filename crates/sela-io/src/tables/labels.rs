@@ -113,6 +113,10 @@ pub struct MergeReport {
     /// That modularity (0 in statistics written before cuts were chosen by it).
     #[serde(default)]
     pub modularity: f64,
+    /// Every cut's merged-partition modularity, in cut order: how close the choice was (empty
+    /// in statistics written before they were reported).
+    #[serde(default)]
+    pub cut_modularities: Vec<f64>,
     /// The kept partition's mean NMI with the other cuts' merged partitions (1 for a single
     /// cut).
     pub agreement: f64,
