@@ -113,6 +113,32 @@ pub struct ModelSection {
     /// 3 keeps a 3×3 layout (D = 9 × its width). Left out of the config hash when 1.
     #[serde(default = "global_pooling", skip_serializing_if = "is_global_pooling")]
     pub embedding_grid: usize,
+    /// Heads (indices into `heads`) that read the embedding (`embedding_stage` pooled onto
+    /// `embedding_grid`) instead of the last stage globally pooled. Left out of the config hash
+    /// when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub embedding_heads: Vec<usize>,
+    /// The first round whose network has `embedding_heads`: before it they read the last stage
+    /// like the others; at it they start afresh (seeded initialisation) on the embedding, while
+    /// the backbone and the other heads carry over. Left out of the config hash when 0.
+    #[serde(default, skip_serializing_if = "is_zero_round")]
+    pub embedding_heads_from_round: u32,
+}
+
+fn is_zero_round(round: &u32) -> bool {
+    *round == 0
+}
+
+impl ModelSection {
+    /// The heads that read the embedding in `round`: `embedding_heads` from
+    /// `embedding_heads_from_round` on, none before.
+    pub fn embedding_heads_at(&self, round: u32) -> &[usize] {
+        if round >= self.embedding_heads_from_round {
+            &self.embedding_heads
+        } else {
+            &[]
+        }
+    }
 }
 
 fn default_backbone() -> String {
@@ -542,6 +568,18 @@ impl PipelineConfig {
                 m.embedding_grid
             ));
         }
+        let mut seen = vec![false; m.heads.len()];
+        for &h in &m.embedding_heads {
+            if h >= m.heads.len() || std::mem::replace(&mut seen[h], true) {
+                return Err(format!(
+                    "model.embedding_heads {:?}: each must be a distinct head index below {} \
+                     (model.heads has {} heads)",
+                    m.embedding_heads,
+                    m.heads.len(),
+                    m.heads.len()
+                ));
+            }
+        }
         let a = &self.assign;
         if !(a.lambda > 0.0 && a.lambda.is_finite()) {
             return Err(format!("assign.lambda must be positive, got {}", a.lambda));
@@ -805,6 +843,44 @@ heads = [10]
                 .unwrap_err()
                 .to_string();
             assert!(msg.contains(wanted), "{set}: {msg}");
+        }
+    }
+
+    #[test]
+    fn embedding_heads_default_off_keep_old_hashes_and_switch_at_their_round() {
+        let (_d, path) = write(MINIMAL);
+        let plain = PipelineConfig::load(&path).unwrap();
+        assert!(plain.model.embedding_heads.is_empty());
+        let off = PipelineConfig::load_with(
+            &path,
+            &[
+                "model.embedding_heads=[]".into(),
+                "model.embedding_heads_from_round=0".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(plain.hash(), off.hash());
+        let set = [
+            "model.heads=[10, 10, 20]".into(),
+            "model.embedding_heads=[2, 0]".into(),
+            "model.embedding_heads_from_round=3".into(),
+        ];
+        let on = PipelineConfig::load_with(&path, &set).unwrap();
+        assert!(on.model.embedding_heads_at(2).is_empty());
+        assert_eq!(on.model.embedding_heads_at(3), &[2, 0]);
+        assert_eq!(on.model.embedding_heads_at(9), &[2, 0]);
+        let fewer = PipelineConfig::load_with(&path, &set[..2]).unwrap();
+        assert_ne!(on.hash(), fewer.hash());
+        assert_eq!(fewer.model.embedding_heads_at(0), &[2, 0]);
+        for bad in ["model.embedding_heads=[1]", "model.embedding_heads=[0, 0]"] {
+            let msg = PipelineConfig::load_with(&path, &[bad.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains("model.embedding_heads")
+                    && msg.contains("distinct head index below 1"),
+                "{bad}: {msg}"
+            );
         }
     }
 

@@ -102,7 +102,7 @@ pub fn part_path(output: &Path, shard: Shard) -> Result<PathBuf> {
 
 /// Writes the seeded initial model of `config` to `path`.
 pub fn write_initial_model(config: &PipelineConfig, path: &Path) -> Result<Network> {
-    let spec = ModelSpec::from_config(config);
+    let spec = ModelSpec::from_config(config, 0);
     let network = Network::init(&spec, config.pipeline.seed)?;
     let state = TrainState {
         round: 0,
@@ -123,7 +123,7 @@ pub fn run(config: &PipelineConfig, opts: &ExtractOptions) -> Result<ExtractSumm
     if opts.batch_size == 0 {
         bail!("--batch-size must be positive");
     }
-    let spec = ModelSpec::from_config(config);
+    let spec = ModelSpec::from_config(config, opts.round);
     let readout = Readout::from_config(config, &spec);
     let model = match &opts.pretrained {
         Some(p) => {
@@ -224,7 +224,7 @@ fn extract(
     target: &Path,
     opts: &ExtractOptions,
 ) -> Result<u64> {
-    let spec = ModelSpec::from_config(config);
+    let spec = ModelSpec::from_config(config, opts.round);
     let shape = Shape {
         channels: spec.channels,
         height: spec.height,

@@ -92,6 +92,8 @@ fn main() {
             widths: widths.clone(),
             blocks: blocks.clone(),
             heads: heads.clone(),
+            embedding_heads: Vec::new(),
+            embedding_readout: None,
         };
         let net0 = Network::init(&spec, 1).expect("network");
         println!(

@@ -144,6 +144,84 @@ pub fn load(path: &Path, expected: &ModelSpec) -> Result<Checkpoint> {
     Ok(ck)
 }
 
+/// Reads a checkpoint for `expected` like [`load`], except that a checkpoint whose heads all read
+/// the pooled last stage may be asked for some on the embedding (as at
+/// `model.embedding_heads_from_round`). Then it is carried over: the backbone and every head whose input is unchanged keep their values and
+/// optimiser state; a head whose input changed starts afresh, as [`Network::init`] with `seed`
+/// draws it, with zero optimiser state.
+pub fn load_carrying_heads(path: &Path, expected: &ModelSpec, seed: u64) -> Result<Checkpoint> {
+    let ck = load_any(path)?;
+    let held = ck.network.spec();
+    let same_but_heads = ModelSpec {
+        embedding_heads: expected.embedding_heads.clone(),
+        embedding_readout: expected.embedding_readout,
+        ..held.clone()
+    };
+    if let Some(diff) = same_but_heads.mismatch(expected) {
+        return Err(NnError::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("checkpoint was made for {diff}"),
+        });
+    }
+    if held == expected {
+        return Ok(ck);
+    }
+    if !held.embedding_heads.is_empty() {
+        return Err(NnError::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!(
+                "checkpoint was made for {}",
+                held.mismatch(expected).unwrap_or_default()
+            ),
+        });
+    }
+    let mut network = Network::init(expected, seed)?;
+    let restarted: Vec<String> = (0..expected.heads.len())
+        .filter(|&h| held.head_readout(h) != expected.head_readout(h))
+        .map(|h| format!("heads.{h}."))
+        .collect();
+    let old: HashMap<&str, usize> = ck
+        .network
+        .params()
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.name.as_str(), i))
+        .collect();
+    let kept: Vec<Option<usize>> = network
+        .params()
+        .iter()
+        .map(|p| {
+            let restarts = restarted.iter().any(|r| p.name.starts_with(r.as_str()));
+            old.get(p.name.as_str()).copied().filter(|_| !restarts)
+        })
+        .collect();
+    for (p, k) in network.params_mut().iter_mut().zip(&kept) {
+        if let Some(i) = *k {
+            p.data.clone_from(&ck.network.params()[i].data);
+        }
+    }
+    for (b, old) in network.buffers_mut().iter_mut().zip(ck.network.buffers()) {
+        b.data.clone_from(&old.data);
+    }
+    let optimizer = ck.optimizer.map(|old| {
+        let mut opt = Optimizer::new(old.kind.clone(), network.params());
+        opt.steps = old.steps;
+        for (new_state, old_state) in opt.state.iter_mut().zip(&old.state) {
+            for (t, k) in new_state.iter_mut().zip(&kept) {
+                if let Some(i) = *k {
+                    t.clone_from(&old_state[i]);
+                }
+            }
+        }
+        opt
+    });
+    Ok(Checkpoint {
+        network,
+        optimizer,
+        state: ck.state,
+    })
+}
+
 /// Reads a checkpoint, whatever architecture it holds.
 pub fn load_any(path: &Path) -> Result<Checkpoint> {
     let bytes = std::fs::read(path).map_err(|e| NnError::Checkpoint {

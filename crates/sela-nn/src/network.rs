@@ -85,6 +85,10 @@ struct HeadL {
     w: usize,
     b: usize,
     k: usize,
+    /// Size of its input.
+    d: usize,
+    /// Whether it reads the plan's `head_readout` rather than the pooled last stage.
+    reads_embedding: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -98,6 +102,8 @@ struct Plan {
     d: usize,
     /// Per stage: the index of its last block and the shape of its output (pooled globally).
     stages: Vec<(usize, PoolShape)>,
+    /// What the embedding-reading heads read: the block whose output is pooled, and how.
+    head_readout: Option<(usize, PoolShape)>,
     /// Values per image of each activation id.
     act_len: Vec<usize>,
     bn_count: usize,
@@ -271,14 +277,33 @@ fn build(spec: &ModelSpec) -> (Plan, Vec<Param>, Vec<Param>) {
         ));
     }
     let d = cin;
+    let head_readout = spec.embedding_readout.map(|r| {
+        let (block, shape) = stages[r.stage];
+        (
+            block,
+            PoolShape {
+                grid: r.grid,
+                ..shape
+            },
+        )
+    });
     let heads = spec
         .heads
         .iter()
         .enumerate()
-        .map(|(i, &k)| HeadL {
-            w: b.param(format!("heads.{i}.weight"), vec![k, d]),
-            b: b.param(format!("heads.{i}.bias"), vec![k]),
-            k,
+        .map(|(i, &k)| {
+            let reads_embedding = spec.embedding_heads.contains(&i);
+            let d = match head_readout {
+                Some((_, shape)) if reads_embedding => shape.dim(),
+                _ => d,
+            };
+            HeadL {
+                w: b.param(format!("heads.{i}.weight"), vec![k, d]),
+                b: b.param(format!("heads.{i}.bias"), vec![k]),
+                k,
+                d,
+                reads_embedding,
+            }
         })
         .collect();
     let plan = Plan {
@@ -290,6 +315,7 @@ fn build(spec: &ModelSpec) -> (Plan, Vec<Param>, Vec<Param>) {
         heads,
         d,
         stages,
+        head_readout,
         act_len: b.act_len,
         bn_count: b.bn_count,
     };
@@ -305,6 +331,9 @@ struct Workspace {
     saved: Vec<Saved>,
     emb: Vec<f32>,
     d_emb: Vec<f32>,
+    /// The embedding-reading heads' input and its gradient.
+    head_emb: Vec<f32>,
+    d_head_emb: Vec<f32>,
     logits: Vec<Vec<f32>>,
     d_logits: Vec<Vec<f32>>,
 }
@@ -348,15 +377,22 @@ fn take(v: &mut [Vec<f32>], i: usize) -> Vec<f32> {
 
 impl Network {
     /// A freshly initialised network, deterministic from `seed`: He-normal convolutions,
-    /// BatchNorm γ = 1 and β = 0, heads uniform in ±1/√D (PyTorch's linear default).
+    /// BatchNorm γ = 1 and β = 0, heads uniform in ±1/√D with D the head's input size
+    /// (PyTorch's linear default).
     pub fn init(spec: &ModelSpec, seed: u64) -> Result<Network> {
         spec.validate()?;
         let (plan, mut params, buffers) = build(spec);
+        let head_dim = |i: usize| {
+            plan.heads
+                .iter()
+                .find(|h| h.w == i || h.b == i)
+                .map(|h| h.d)
+        };
         for (i, p) in params.iter_mut().enumerate() {
             let mut rng = Rng::derive(&[seed, STREAM_INIT, i as u64]);
             let name = p.name.as_str();
-            if name.starts_with("heads.") {
-                let bound = 1.0 / (plan.d as f64).sqrt();
+            if let Some(d) = head_dim(i) {
+                let bound = 1.0 / (d as f64).sqrt();
                 p.data
                     .iter_mut()
                     .for_each(|v| *v = rng.range(-bound, bound) as f32);
@@ -478,6 +514,8 @@ impl Network {
         let mut logits: Vec<Vec<f32>> = plan.heads.iter().map(|h| vec![0.0; n * h.k]).collect();
         let len = self.spec.image_len();
         let mut emb_chunk = vec![0.0f32; INFER_CHUNK * d];
+        let head_dim = plan.head_readout.map_or(0, |(_, shape)| shape.dim());
+        let mut head_emb_chunk = vec![0.0f32; INFER_CHUNK * head_dim];
         let mut a = Vec::new();
         let mut h1 = Vec::new();
         let mut sc = Vec::new();
@@ -524,6 +562,10 @@ impl Network {
                 if bi == readout_block && !heads_input {
                     readout_shape.pool(&a, m, &mut embedding[start * rd..(start + m) * rd]);
                 }
+                if let Some((_, shape)) = plan.head_readout.filter(|&(block, _)| block == bi) {
+                    head_emb_chunk.fill(0.0);
+                    shape.pool(&a, m, &mut head_emb_chunk[..m * head_dim]);
+                }
             }
             emb_chunk.fill(0.0);
             plan.heads_pool().pool(&a, m, &mut emb_chunk[..m * d]);
@@ -532,7 +574,12 @@ impl Network {
             }
             for (hl, lg) in plan.heads.iter().zip(logits.iter_mut()) {
                 head_out.resize(INFER_CHUNK * hl.k, 0.0);
-                self.head_forward(hl, &emb_chunk, INFER_CHUNK, &mut head_out, false);
+                let input = if hl.reads_embedding {
+                    &head_emb_chunk
+                } else {
+                    &emb_chunk
+                };
+                self.head_forward(hl, input, INFER_CHUNK, &mut head_out, false);
                 lg[start * hl.k..(start + m) * hl.k].copy_from_slice(&head_out[..m * hl.k]);
             }
         }
@@ -541,7 +588,7 @@ impl Network {
 
     /// `out[n×K] = emb · Wᵀ + b`.
     fn head_forward(&self, hl: &HeadL, emb: &[f32], n: usize, out: &mut [f32], parallel: bool) {
-        let d = self.plan.d;
+        let d = hl.d;
         let w = &self.params[hl.w].data;
         let b = &self.params[hl.b].data;
         if parallel {
@@ -570,6 +617,9 @@ impl Network {
         w.saved = vec![Saved::default(); self.plan.bn_count];
         w.emb = vec![0.0; n * self.plan.d];
         w.d_emb = vec![0.0; n * self.plan.d];
+        let head_dim = self.plan.head_readout.map_or(0, |(_, shape)| shape.dim());
+        w.head_emb = vec![0.0; n * head_dim];
+        w.d_head_emb = vec![0.0; n * head_dim];
         w.logits = self.plan.heads.iter().map(|h| vec![0.0; n * h.k]).collect();
         w.d_logits = w.logits.clone();
     }
@@ -731,7 +781,8 @@ impl Network {
         self.conv_forward(&plan.stem, None, images, plan.stem_c);
         self.bn_forward(&plan.stem_bn, plan.stem_c, None, true, plan.stem_a);
         let mut a_in = plan.stem_a;
-        for b in &plan.blocks {
+        let mut head_emb = std::mem::take(&mut self.work.head_emb);
+        for (bi, b) in plan.blocks.iter().enumerate() {
             self.conv_forward(&b.conv1, Some(a_in), images, b.c1);
             self.bn_forward(&b.bn1, b.c1, None, true, b.h1);
             self.conv_forward(&b.conv2, Some(b.h1), images, b.c2);
@@ -744,6 +795,9 @@ impl Network {
                 None => a_in,
             };
             self.bn_forward(&b.bn2, b.c2, Some(res), true, b.out);
+            if let Some((_, shape)) = plan.head_readout.filter(|&(block, _)| block == bi) {
+                shape.pool(&self.work.acts[b.out], n, &mut head_emb);
+            }
             a_in = b.out;
         }
         let d = plan.d;
@@ -753,7 +807,8 @@ impl Network {
         let mut head_losses = Vec::with_capacity(heads);
         for (h, hl) in plan.heads.iter().enumerate() {
             let mut lg = std::mem::take(&mut self.work.logits[h]);
-            self.head_forward(hl, &emb, n, &mut lg, true);
+            let input = if hl.reads_embedding { &head_emb } else { &emb };
+            self.head_forward(hl, input, n, &mut lg, true);
             let mut dl = std::mem::take(&mut self.work.d_logits[h]);
             head_losses.push(cross_entropy(
                 &lg,
@@ -767,16 +822,23 @@ impl Network {
         }
         // Backward: heads.
         let mut d_emb = std::mem::take(&mut self.work.d_emb);
+        let mut d_head_emb = std::mem::take(&mut self.work.d_head_emb);
+        let (mut d_emb_set, mut d_head_emb_set) = (false, false);
         for (h, hl) in plan.heads.iter().enumerate() {
             let dl = &self.work.d_logits[h];
+            let (input, d_input, set) = if hl.reads_embedding {
+                (&head_emb, &mut d_head_emb, &mut d_head_emb_set)
+            } else {
+                (&emb, &mut d_emb, &mut d_emb_set)
+            };
             matmul(
                 hl.k,
-                d,
+                hl.d,
                 n,
                 &mut self.grads[hl.w],
                 false,
                 Mat::rows_t(dl, hl.k),
-                Mat::rows(&emb, d),
+                Mat::rows(input, hl.d),
             );
             let db = &mut self.grads[hl.b];
             db.fill(0.0);
@@ -785,13 +847,17 @@ impl Network {
             }
             matmul(
                 n,
-                d,
+                hl.d,
                 hl.k,
-                &mut d_emb,
-                h > 0,
+                d_input,
+                *set,
                 Mat::rows(dl, hl.k),
-                Mat::rows(&self.params[hl.w].data, d),
+                Mat::rows(&self.params[hl.w].data, hl.d),
             );
+            *set = true;
+        }
+        if !d_emb_set {
+            d_emb.fill(0.0);
         }
         let last = plan.heads_pool();
         let p = last.h * last.w;
@@ -806,8 +872,12 @@ impl Network {
             });
         self.work.emb = emb;
         self.work.d_emb = d_emb;
+        self.work.head_emb = head_emb;
         // Backward: blocks.
         for (bi, b) in plan.blocks.iter().enumerate().rev() {
+            if let Some((_, shape)) = plan.head_readout.filter(|&(block, _)| block == bi) {
+                shape.pool_backward(&d_head_emb, n, &mut self.work.grads[b.out]);
+            }
             let a_in = if bi == 0 {
                 plan.stem_a
             } else {
@@ -838,6 +908,7 @@ impl Network {
             None,
         );
         self.conv_backward(&plan.stem, None, images, plan.stem_c, None);
+        self.work.d_head_emb = d_head_emb;
         let loss = (head_losses.iter().map(|&l| l as f64).sum::<f64>() / heads as f64) as f32;
         Ok(StepStats { head_losses, loss })
     }
@@ -892,19 +963,45 @@ impl PoolShape {
         assert_eq!(x.len(), n * self.c * plane);
         assert_eq!(out.len(), n * self.dim());
         let g = self.grid;
-        let cells: Vec<Vec<usize>> = (0..g * g)
+        let cells = self.cells();
+        for (row, src) in out.chunks_mut(g * g).zip(x.chunks(plane)) {
+            for (v, cell) in row.iter_mut().zip(&cells) {
+                *v = cell.iter().map(|&p| src[p]).sum::<f32>() / cell.len() as f32;
+            }
+        }
+    }
+
+    /// The cell lists of [`PoolShape::pool`]: the plane positions of each cell, row by row.
+    fn cells(&self) -> Vec<Vec<usize>> {
+        let g = self.grid;
+        (0..g * g)
             .map(|cell| {
                 let xs = self.span(cell % g, self.w);
                 self.span(cell / g, self.h)
                     .flat_map(|y| xs.clone().map(move |x| y * self.w + x))
                     .collect()
             })
-            .collect();
-        for (row, src) in out.chunks_mut(g * g).zip(x.chunks(plane)) {
-            for (v, cell) in row.iter_mut().zip(&cells) {
-                *v = cell.iter().map(|&p| src[p]).sum::<f32>() / cell.len() as f32;
-            }
-        }
+            .collect()
+    }
+
+    /// Adds to `d_x` (the `n` pooled activations' gradient) what [`PoolShape::pool`]'s output
+    /// gradient `d_out` sends back: each cell's gradient spread evenly over its positions.
+    fn pool_backward(&self, d_out: &[f32], n: usize, d_x: &mut [f32]) {
+        let plane = self.h * self.w;
+        let (c, g) = (self.c, self.grid);
+        assert_eq!(d_x.len(), n * c * plane);
+        assert_eq!(d_out.len(), n * self.dim());
+        let cells = self.cells();
+        d_x.par_chunks_mut(c * plane)
+            .zip(d_out.par_chunks(c * g * g))
+            .for_each(|(dx, dout)| {
+                for (plane_grad, cell_grads) in dx.chunks_mut(plane).zip(dout.chunks(g * g)) {
+                    for (&v, cell) in cell_grads.iter().zip(&cells) {
+                        let share = v / cell.len() as f32;
+                        cell.iter().for_each(|&p| plane_grad[p] += share);
+                    }
+                }
+            });
     }
 }
 

@@ -120,6 +120,7 @@ impl Reference {
         readout: Readout,
     ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let mut embedding = None;
+        let mut head_embedding = None;
         let mut a = self
             .bn(&self.conv(x, "stem.conv", 1, 1)?, "stem.bn", train)?
             .relu()?;
@@ -144,13 +145,20 @@ impl Reference {
             if s == readout.stage {
                 embedding = Some(Self::pool(&a, readout.grid)?);
             }
+            if let Some(r) = self.spec.embedding_readout.filter(|r| r.stage == s) {
+                head_embedding = Some(Self::pool(&a, r.grid)?);
+            }
         }
         let emb = a.flatten_from(2)?.mean(D::Minus1)?;
         let logits = (0..self.spec.heads.len())
             .map(|h| {
                 let w = self.var(&format!("heads.{h}.weight"));
                 let b = self.var(&format!("heads.{h}.bias"));
-                emb.matmul(&w.t()?)?.broadcast_add(b)
+                let input = match &head_embedding {
+                    Some(e) if self.spec.embedding_heads.contains(&h) => e,
+                    _ => &emb,
+                };
+                input.matmul(&w.t()?)?.broadcast_add(b)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let embedding = embedding

@@ -10,8 +10,8 @@ use crate::error::{NnError, Result};
 /// stage per entry of `widths`, each of `blocks[s]` basic residual blocks (two 3×3 convolutions
 /// with BatchNorm and ReLU); every stage after the first halves the resolution in its first block.
 /// Global average pooling of the last stage is the heads' input (D = the last width), and each
-/// head is a linear layer from it to `heads[h]` logits. What inference reports as the embedding
-/// is a [`Readout`].
+/// head is a linear layer from it to `heads[h]` logits; the `embedding_heads` read
+/// `embedding_readout` instead. What inference reports as the embedding is a [`Readout`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelSpec {
     /// Backbone family; only `resnet` exists.
@@ -28,12 +28,20 @@ pub struct ModelSpec {
     pub blocks: Vec<usize>,
     /// K of each head.
     pub heads: Vec<usize>,
+    /// Heads (indices into `heads`) that read `embedding_readout` instead of the last stage
+    /// globally pooled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub embedding_heads: Vec<usize>,
+    /// What the `embedding_heads` read; set exactly when there are some.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_readout: Option<Readout>,
 }
 
 impl ModelSpec {
-    /// The spec a pipeline config describes.
-    pub fn from_config(config: &sela_config::PipelineConfig) -> ModelSpec {
-        ModelSpec {
+    /// The spec a pipeline config describes for `round` (which heads read the embedding can
+    /// change at `model.embedding_heads_from_round`).
+    pub fn from_config(config: &sela_config::PipelineConfig, round: u32) -> ModelSpec {
+        let mut spec = ModelSpec {
             backbone: config.model.backbone.clone(),
             channels: config.data.channels,
             height: config.data.height,
@@ -41,12 +49,26 @@ impl ModelSpec {
             widths: config.model.widths.clone(),
             blocks: config.model.blocks.clone(),
             heads: config.model.heads.clone(),
+            embedding_heads: config.model.embedding_heads_at(round).to_vec(),
+            embedding_readout: None,
+        };
+        if !spec.embedding_heads.is_empty() {
+            spec.embedding_readout = Some(Readout::from_config(config, &spec));
         }
+        spec
     }
 
-    /// Size D of the heads' input (the last stage's width).
+    /// Size D of the pooled last stage, the input of every head not in `embedding_heads`.
     pub fn head_input_dim(&self) -> usize {
         self.widths.last().copied().unwrap_or(0)
+    }
+
+    /// The readout head `h` reads.
+    pub fn head_readout(&self, h: usize) -> Readout {
+        match self.embedding_readout {
+            Some(r) if self.embedding_heads.contains(&h) => r,
+            _ => Readout::heads_input(self),
+        }
     }
 
     /// Height and width of each stage's output: the input's, then halved (rounding up) by every
@@ -101,6 +123,22 @@ impl ModelSpec {
                 self.heads
             ));
         }
+        let mut seen = vec![false; self.heads.len()];
+        for &h in &self.embedding_heads {
+            if h >= self.heads.len() || std::mem::replace(&mut seen[h], true) {
+                return bad(format!(
+                    "model.embedding_heads {:?}: each must be a distinct head index below {}",
+                    self.embedding_heads,
+                    self.heads.len()
+                ));
+            }
+        }
+        if self.embedding_heads.is_empty() != self.embedding_readout.is_none() {
+            return bad(format!(
+                "embedding heads {:?} with readout {:?}: the readout is set exactly when there are such heads",
+                self.embedding_heads, self.embedding_readout
+            ));
+        }
         let sides = self.stage_sides();
         for (s, &(h, w)) in sides.iter().enumerate().skip(1) {
             let (ph, pw) = sides[s - 1];
@@ -112,6 +150,9 @@ impl ModelSpec {
                     self.widths.len()
                 ));
             }
+        }
+        if let Some(r) = self.embedding_readout {
+            r.validate(self)?;
         }
         Ok(())
     }
@@ -147,6 +188,22 @@ impl ModelSpec {
                 self.backbone, self.widths, self.blocks, wanted.backbone, wanted.widths, wanted.blocks
             ));
         }
+        if (&self.embedding_heads, self.embedding_readout)
+            != (&wanted.embedding_heads, wanted.embedding_readout)
+        {
+            let says = |s: &ModelSpec| match s.embedding_readout {
+                Some(r) => format!(
+                    "heads {:?} on stage {} pooled onto {}×{}",
+                    s.embedding_heads, r.stage, r.grid, r.grid
+                ),
+                None => "no heads".to_string(),
+            };
+            parts.push(format!(
+                "{} reading the embedding, the config asks for {}",
+                says(self),
+                says(wanted)
+            ));
+        }
         if parts.is_empty() {
             None
         } else {
@@ -159,7 +216,7 @@ impl ModelSpec {
 /// average-pooled onto a `grid`×`grid` lattice of cells and flattened channel by channel (D =
 /// that stage's width × grid²). The cells are PyTorch's adaptive-pooling cells, which overlap
 /// when the grid does not divide the side. It changes what is read out, not what is trained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Readout {
     /// Stage index, 0-based.
     pub stage: usize,
@@ -225,7 +282,58 @@ mod tests {
             widths: vec![4, 8],
             blocks: vec![1, 1],
             heads: vec![3, 5],
+            embedding_heads: Vec::new(),
+            embedding_readout: None,
         }
+    }
+
+    #[test]
+    fn embedding_heads_validate_read_their_readout_and_show_in_mismatch() {
+        let s = tiny();
+        let mut e = s.clone();
+        e.embedding_heads = vec![1];
+        e.embedding_readout = Some(Readout { stage: 0, grid: 2 });
+        e.validate().unwrap();
+        assert_eq!(e.head_readout(0), Readout::heads_input(&e));
+        assert_eq!(e.head_readout(1), Readout { stage: 0, grid: 2 });
+        let m = s.mismatch(&e).unwrap();
+        assert!(
+            m.contains("no heads reading the embedding, the config asks for heads [1] on stage 0 pooled onto 2×2"),
+            "{m}"
+        );
+        for (heads, readout, wanted) in [
+            (
+                vec![2],
+                Some(Readout { stage: 0, grid: 2 }),
+                "distinct head index below 2",
+            ),
+            (
+                vec![0, 0],
+                Some(Readout { stage: 0, grid: 2 }),
+                "distinct head index below 2",
+            ),
+            (vec![0], None, "the readout is set exactly when"),
+            (
+                vec![],
+                Some(Readout { stage: 0, grid: 2 }),
+                "the readout is set exactly when",
+            ),
+            (
+                vec![0],
+                Some(Readout { stage: 1, grid: 5 }),
+                "embedding_grid 5",
+            ),
+        ] {
+            let mut t = s.clone();
+            t.embedding_heads = heads;
+            t.embedding_readout = readout;
+            let msg = t.validate().unwrap_err().to_string();
+            assert!(msg.contains(wanted), "{msg}");
+        }
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(!json.contains("embedding"), "{json}");
+        let back: ModelSpec = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+        assert_eq!(back, e);
     }
 
     #[test]

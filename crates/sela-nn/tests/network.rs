@@ -14,6 +14,22 @@ fn spec(channels: usize, side: usize, heads: Vec<usize>) -> ModelSpec {
         widths: vec![4, 8],
         blocks: vec![2, 1],
         heads,
+        embedding_heads: Vec::new(),
+        embedding_readout: None,
+    }
+}
+
+/// `base` with `heads` reading stage `stage` pooled onto `grid`×`grid`.
+fn with_embedding_heads(
+    base: ModelSpec,
+    heads: Vec<usize>,
+    stage: usize,
+    grid: usize,
+) -> ModelSpec {
+    ModelSpec {
+        embedding_heads: heads,
+        embedding_readout: Some(Readout { stage, grid }),
+        ..base
     }
 }
 
@@ -62,7 +78,16 @@ fn output_shapes() {
 
 #[test]
 fn gradients_equal_candle_autograd() {
-    let s = spec(3, 7, vec![3, 4]);
+    let plain = spec(3, 7, vec![3, 4]);
+    // Stage 0 is 7×7 (a 3×3 grid's cells overlap there), stage 1 4×4 (the heads' own stage).
+    gradient_check(plain.clone());
+    gradient_check(with_embedding_heads(plain.clone(), vec![1], 0, 3));
+    gradient_check(with_embedding_heads(plain.clone(), vec![0], 1, 2));
+    gradient_check(with_embedding_heads(plain, vec![1, 0], 0, 2));
+}
+
+/// The fused engine's loss and gradients against candle's autograd for one architecture.
+fn gradient_check(s: ModelSpec) {
     let n = 6;
     let x = images(n, s.image_len(), 5);
     let (l0, l1) = (labels(n, 3, 6), labels(n, 4, 7));
@@ -89,14 +114,17 @@ fn gradients_equal_candle_autograd() {
 fn inference_is_batch_independent_and_matches_candle_eval_mode() {
     // Stage 0 is 8×8, stage 1 4×4: global pooling, a grid that divides the side, and one whose
     // cells overlap.
+    let plain = spec(1, 8, vec![5]);
     for (stage, grid) in [(1, 1), (1, 3), (0, 2), (0, 3)] {
-        inference_check(Readout { stage, grid });
+        inference_check(plain.clone(), Readout { stage, grid });
     }
+    // A head on stage 0's overlapping 3×3 cells, reported with another readout.
+    let head_on_grid = with_embedding_heads(plain, vec![0], 0, 3);
+    inference_check(head_on_grid, Readout { stage: 1, grid: 2 });
 }
 
-/// Batch independence, and candle's eval-mode forward, for one readout.
-fn inference_check(readout: Readout) {
-    let s = spec(1, 8, vec![5]);
+/// Batch independence, and candle's eval-mode forward, for one architecture and readout.
+fn inference_check(s: ModelSpec, readout: Readout) {
     let mut net = Network::init(&s, 9).unwrap();
     // A few training steps so the running statistics are not the initial ones.
     let mut opt = Optimizer::new(sgd(), net.params());
@@ -236,15 +264,21 @@ fn training_is_deterministic_and_independent_of_the_thread_count() {
     );
 }
 
-#[test]
-fn checkpoint_round_trip_and_validation() {
-    let dir = tempfile::tempdir().unwrap();
+/// A two-head network after one SGD step, its optimiser, the batch and its labels.
+fn trained_one_step() -> (ModelSpec, Network, Optimizer, Vec<f32>, Vec<u32>, Vec<u32>) {
     let s = spec(1, 8, vec![3, 6]);
     let mut net = Network::init(&s, 12).unwrap();
     let mut opt = Optimizer::new(sgd(), net.params());
     let x = images(10, s.image_len(), 4);
     let (l0, l1) = (labels(10, 3, 1), labels(10, 6, 2));
     net.train_step(&x, 10, &[&l0, &l1], &mut opt, 0.1).unwrap();
+    (s, net, opt, x, l0, l1)
+}
+
+#[test]
+fn checkpoint_round_trip_and_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, net, opt, x, l0, l1) = trained_one_step();
     let state = TrainState {
         round: 2,
         epoch: 5,
@@ -307,4 +341,70 @@ fn checkpoint_round_trip_and_validation() {
     assert!(msg.contains("not a sela checkpoint"), "{msg}");
     // Writing is atomic: nothing but the two files and the junk remain.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+}
+
+#[test]
+fn a_checkpoint_carries_over_to_heads_that_read_the_embedding() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, net, opt, x, l0, l1) = trained_one_step();
+    let state = TrainState {
+        round: 3,
+        ..Default::default()
+    };
+    let path = dir.path().join("ck.safetensors");
+    checkpoint::save(&path, &net, Some(&opt), &state).unwrap();
+
+    let same = checkpoint::load_carrying_heads(&path, &s, 99).unwrap();
+    assert_eq!(same.network.params(), net.params());
+    assert_eq!(same.optimizer.as_ref(), Some(&opt));
+
+    let e = with_embedding_heads(s.clone(), vec![1], 0, 2);
+    let msg = checkpoint::load(&path, &e).unwrap_err().to_string();
+    assert!(msg.contains("reading the embedding"), "{msg}");
+    let ck = checkpoint::load_carrying_heads(&path, &e, 99).unwrap();
+    assert_eq!(ck.state, state);
+    assert_eq!(ck.network.spec(), &e);
+    assert_eq!(ck.network.buffers(), net.buffers());
+    let fresh = Network::init(&e, 99).unwrap();
+    let carried = ck.optimizer.as_ref().unwrap();
+    assert_eq!(carried.steps, opt.steps);
+    for (i, p) in ck.network.params().iter().enumerate() {
+        let restarted = p.name.starts_with("heads.1.");
+        let wanted = if restarted {
+            &fresh.params()[i]
+        } else {
+            &net.params()[i]
+        };
+        assert_eq!(p, wanted, "{}", p.name);
+        let momentum = &carried.state[0][i];
+        if restarted {
+            assert!(momentum.iter().all(|&v| v == 0.0), "{}", p.name);
+            assert_eq!(
+                p.shape[p.shape.len() - 1],
+                if p.name.ends_with("weight") { 16 } else { 6 }
+            );
+        } else {
+            assert_eq!(momentum, &opt.state[0][i], "{}", p.name);
+        }
+    }
+    // The carried network trains; it does not go back, nor to another architecture.
+    let (mut n2, mut o2) = (ck.network, ck.optimizer.unwrap());
+    n2.train_step(&x, 10, &[&l0, &l1], &mut o2, 0.1).unwrap();
+    let on_grid = dir.path().join("on-grid.safetensors");
+    checkpoint::save(&on_grid, &n2, Some(&o2), &state).unwrap();
+    let msg = checkpoint::load_carrying_heads(&on_grid, &s, 99)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("heads [1] on stage 0 pooled onto 2×2 reading the embedding, the config asks for no heads"),
+        "{msg}"
+    );
+    let wider = ModelSpec {
+        widths: vec![4, 16],
+        ..e
+    };
+    let msg = checkpoint::load_carrying_heads(&path, &wider, 99)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("widths [4, 8]"), "{msg}");
 }

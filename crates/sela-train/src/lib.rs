@@ -121,9 +121,9 @@ pub fn run(args: &Args) -> Result<Summary> {
             .num_threads(threads)
             .build_global();
     }
-    let spec = ModelSpec::from_config(&config);
-    spec.validate()?;
     let round = args.pipeline.round;
+    let spec = ModelSpec::from_config(&config, round);
+    spec.validate()?;
     if round == 0 {
         return write_initial(args, &config, &spec);
     }
@@ -156,7 +156,10 @@ pub fn run(args: &Args) -> Result<Summary> {
 
     // Everything is read and checked before anything is written.
     let start_net = match &args.init {
-        Some(p) => Some(checkpoint::load(p, &spec).with_context(|| "loading --init")?),
+        Some(p) => Some(
+            checkpoint::load_carrying_heads(p, &spec, config.pipeline.seed)
+                .with_context(|| "loading --init")?,
+        ),
         None => None,
     };
     let dataset = args

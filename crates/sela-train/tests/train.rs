@@ -312,6 +312,71 @@ fn per_round_epochs_train_as_rounds_of_one_epoch_on_fixed_labels() {
 }
 
 #[test]
+fn heads_move_onto_the_embedding_at_their_round() {
+    let f = Fixture::new();
+    let switch = [
+        "--set",
+        "model.embedding_stage=0",
+        "--set",
+        "model.embedding_grid=2",
+        "--set",
+        "model.embedding_heads=[1]",
+        "--set",
+        "model.embedding_heads_from_round=2",
+    ];
+    let round = |r: &str, init: &str, out: &str| {
+        let args = [
+            "--round",
+            r,
+            "--labels",
+            "labels.parquet",
+            "--init",
+            init,
+            "--output",
+            out,
+        ];
+        f.run(&[&switch[..], &args[..]].concat())
+    };
+    f.run(&[&switch[..], &["--round", "0", "--output", "r0.safetensors"]].concat())
+        .unwrap();
+    round("1", "r0.safetensors", "r1.safetensors").unwrap();
+    round("2", "r1.safetensors", "r2.safetensors").unwrap();
+    round("2", "r1.safetensors", "again.safetensors").unwrap();
+    let spec = |name: &str| {
+        checkpoint::load_any(&f.path(name))
+            .unwrap()
+            .network
+            .spec()
+            .clone()
+    };
+    assert!(spec("r1.safetensors").embedding_heads.is_empty());
+    let moved = spec("r2.safetensors");
+    assert_eq!(moved.embedding_heads, vec![1]);
+    let head_shape = |name: &str| {
+        let ck = checkpoint::load_any(&f.path(name)).unwrap();
+        let p = ck.network.params();
+        let w = p.iter().find(|p| p.name == "heads.1.weight").unwrap();
+        (
+            w.shape.clone(),
+            w.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        )
+    };
+    // Stage 0 (4 channels, 8×8) on a 2×2 grid: 16 inputs; the same bits on a second run.
+    assert_eq!(head_shape("r2.safetensors").0, vec![5, 16]);
+    assert_eq!(
+        head_shape("r2.safetensors"),
+        head_shape("again.safetensors")
+    );
+    // Round 3 continues on the embedding; round 1's config cannot resume from it.
+    round("3", "r2.safetensors", "r3.safetensors").unwrap();
+    assert_eq!(spec("r3.safetensors"), moved);
+    let msg = round("1", "r2.safetensors", "back.safetensors").unwrap_err();
+    let msg = format!("{msg:#}");
+    assert!(msg.contains("reading the embedding"), "{msg}");
+    assert!(!f.path("back.safetensors").exists());
+}
+
+#[test]
 fn bad_inputs_fail_clearly_and_write_nothing() {
     let f = Fixture::new();
     f.run(&["--round", "0", "--output", "r0.safetensors"])
