@@ -33,7 +33,9 @@ use anyhow::{anyhow, bail, Context};
 use sela_cli::{OptionalPipelineArgs, OutputArgs, Progress};
 use sela_io::contract::{Column, ColumnType, Contract};
 use sela_io::features;
-use sela_io::labels::{self, AssignStats, HeadLabels, HeadStats, MergeSettings, SPECTRAL_PATH};
+use sela_io::labels::{
+    self, AssignStats, CutChoice, HeadLabels, HeadStats, MergeSettings, SPECTRAL_PATH,
+};
 use sela_io::table::TableFile;
 use sela_io::{FileMeta, Provenance};
 use sela_sinkhorn::{Acceleration, Assignment, Reduce, Sinkhorn, Solution};
@@ -135,10 +137,15 @@ pub struct Args {
     #[arg(long, value_name = "X")]
     pub spectral_size_cap: Option<f64>,
     /// With --spectral-fragments: cut the fragments COUNT times (one k-means run from its own
-    /// seed each) and keep the merged partition of highest modularity on the graph [config
+    /// seed each) and keep one merged partition, as --spectral-keep says [config
     /// assign.spectral_cuts, default 1].
     #[arg(long, value_name = "COUNT")]
     pub spectral_cuts: Option<usize>,
+    /// With --spectral-cuts: keep the merged partition of highest `modularity` on the graph, or
+    /// the one in most `agreement` (mean NMI) with the heads' own clusterings, each head's
+    /// argmax [config assign.spectral_keep, default modularity].
+    #[arg(long, value_name = "CHOICE")]
+    pub spectral_keep: Option<CutChoice>,
     /// With --spectral-fragments: steps of balanced label propagation on the graph after the
     /// merge [config assign.spectral_smoothing, default 0].
     #[arg(long, value_name = "STEPS")]
@@ -335,6 +342,13 @@ impl Settings {
             );
         }
         let fragments = args.spectral_fragments.unwrap_or(d.spectral_fragments);
+        let keep = match args.spectral_keep {
+            Some(k) => k,
+            None => d
+                .spectral_keep
+                .parse::<CutChoice>()
+                .map_err(|e| anyhow!("assign.spectral_keep: {e}"))?,
+        };
         let spectral_merge = (fragments > 0).then(|| MergeSettings {
             fragments,
             eigenvectors: args
@@ -345,6 +359,7 @@ impl Settings {
                 .or(d.spectral_size_cap)
                 .unwrap_or(sela_config::DEFAULT_SPECTRAL_SIZE_CAP),
             cuts: args.spectral_cuts.unwrap_or(d.spectral_cuts),
+            keep,
             smoothing_steps: args.spectral_smoothing.unwrap_or(d.spectral_smoothing),
             smoothing_lambda: args
                 .spectral_smoothing_lambda
@@ -616,27 +631,39 @@ pub(crate) fn report_head(h: &HeadStats) {
         h.seconds
     );
     if let Some(m) = &h.merge {
-        let runner_up = m
-            .cut_modularities
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| i != m.kept_cut)
-            .map(|(_, &q)| q)
-            .fold(f64::NEG_INFINITY, f64::max);
-        let margin = if runner_up.is_finite() {
-            format!(" (next best {runner_up:.4})")
-        } else {
+        let agreement = if m.cut_agreements.is_empty() {
             String::new()
+        } else {
+            format!(
+                ", agreement with the heads {}",
+                against_the_rest(&m.cut_agreements, m.kept_cut)
+            )
         };
         eprintln!(
-            "head {}: kept cut {} of {}, modularity {:.4}{margin}; smoothing changed {:.1}% of \
+            "head {}: kept cut {} of {}: modularity {}{agreement}; smoothing changed {:.1}% of \
              the labels",
             h.head,
             m.kept_cut,
             m.cut_modularities.len(),
-            m.modularity,
+            against_the_rest(&m.cut_modularities, m.kept_cut),
             100.0 * m.smoothing_changed
         );
+    }
+}
+
+/// `scores[kept]`, and the best of the others in brackets when there are others.
+fn against_the_rest(scores: &[f64], kept: usize) -> String {
+    let rest = scores
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != kept)
+        .map(|(_, &q)| q)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let own = scores.get(kept).copied().unwrap_or(f64::NAN);
+    if rest.is_finite() {
+        format!("{own:.4} (best other {rest:.4})")
+    } else {
+        format!("{own:.4}")
     }
 }
 
@@ -773,13 +800,20 @@ pub fn run(args: &Args) -> anyhow::Result<Summary> {
             .into_iter()
             .max()
             .unwrap_or(0);
-        let found = SpectralLabels::compute(
+        let mut found = SpectralLabels::compute(
             &args.logits,
             settings.spectral,
             max_k,
             settings.spectral_merge.clone(),
             settings.seed,
         )?;
+        if settings.spectral_merge.as_ref().is_some_and(|m| m.cuts > 1) {
+            for (_, column) in &heads {
+                let matrix = features::read_matrix(&args.logits, column)?;
+                let ctx = format!("{}: column `{column}`", args.logits.display());
+                found.add_prediction(&matrix.ids, &matrix.values, matrix.cols, &ctx)?;
+            }
+        }
         if !quiet {
             let s = found.stats();
             eprintln!(

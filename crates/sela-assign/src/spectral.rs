@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail};
 use sela_io::labels::{
-    HeadLabels, HeadStats, MergeReport, MergeSettings, SpectralStats, SPECTRAL_PATH,
+    CutChoice, HeadLabels, HeadStats, MergeReport, MergeSettings, SpectralStats, SPECTRAL_PATH,
 };
 use sela_sinkhorn::{uniform_marginals, Sinkhorn};
 use sela_spectral::{Graph, MergeOptions, Options, Spectrum};
@@ -48,6 +48,9 @@ pub struct SpectralLabels {
     stats: SpectralStats,
     /// The clusterings made so far, by K (heads of one size share theirs).
     clusterings: BTreeMap<usize, Made>,
+    /// The network's own clusterings of the rows (each head's argmax), which the cuts are
+    /// compared with.
+    predictions: Vec<Vec<u32>>,
 }
 
 impl SpectralLabels {
@@ -120,7 +123,31 @@ impl SpectralLabels {
             merge,
             stats,
             clusterings: BTreeMap::new(),
+            predictions: Vec::new(),
         })
+    }
+
+    /// Adds a head's own clustering of the rows `ids` (which must be the embedding's): the
+    /// argmax of each row of `logits` (row-major, `k` per row). Every cut is compared with
+    /// these (`cut_agreements`), and `CutChoice::Agreement` keeps the cut that agrees best.
+    pub fn add_prediction(
+        &mut self,
+        ids: &[u64],
+        logits: &[f32],
+        k: usize,
+        context: &str,
+    ) -> anyhow::Result<()> {
+        same_rows(ids, &self.ids, context)?;
+        if k == 0 || logits.len() != ids.len() * k {
+            bail!(
+                "{context}: {} logits for {} rows of K = {k}",
+                logits.len(),
+                ids.len()
+            );
+        }
+        self.predictions
+            .push(logits.chunks(k).map(|row| argmax(row) as u32).collect());
+        Ok(())
     }
 
     /// The graph's statistics.
@@ -197,6 +224,19 @@ impl SpectralLabels {
         Ok((labels, stats))
     }
 
+    /// The mean NMI of `partition` with the heads' own clusterings (0 without any).
+    fn agreement_with_predictions(&self, partition: &[u32]) -> f64 {
+        if self.predictions.is_empty() {
+            return 0.0;
+        }
+        let total: f64 = self
+            .predictions
+            .iter()
+            .map(|p| sela_metrics::nmi(p, partition))
+            .sum();
+        total / self.predictions.len() as f64
+    }
+
     /// The K-way labels: K-way k-means, or merged fragments then propagation.
     fn make(&self, k: usize) -> anyhow::Result<Made> {
         let Some(merge) = &self.merge else {
@@ -231,7 +271,17 @@ impl SpectralLabels {
             .iter()
             .map(|p| self.graph.modularity(p, k))
             .collect();
-        let kept = most_modular(&cut_modularities);
+        let cut_agreements: Vec<f64> = partitions
+            .iter()
+            .map(|p| self.agreement_with_predictions(p))
+            .collect();
+        let kept = match merge.keep {
+            CutChoice::Modularity => first_highest(&cut_modularities),
+            CutChoice::Agreement if self.predictions.is_empty() => {
+                bail!("keeping the cut that agrees with the heads needs their predictions")
+            }
+            CutChoice::Agreement => first_highest(&cut_agreements),
+        };
         let agreement = agreement(&partitions, kept);
         let c = cuts.into_iter().nth(kept).expect("the kept cut exists");
         let merged = c.labels.clone();
@@ -254,6 +304,7 @@ impl SpectralLabels {
                 kept_cut: kept,
                 modularity: cut_modularities[kept],
                 cut_modularities,
+                cut_agreements,
                 agreement,
                 final_cap: c.merge.final_cap,
                 smoothing_steps: steps,
@@ -273,7 +324,7 @@ impl SpectralLabels {
 pub fn align_to_predictions(labels: &mut [u32], logits: &[f32], k: usize) -> f64 {
     let mut overlap = vec![0u64; k * k];
     for (row, &label) in logits.chunks(k).zip(labels.iter()) {
-        let predicted = (1..k).fold(0, |best, c| if row[c] > row[best] { c } else { best });
+        let predicted = argmax(row);
         overlap[label as usize * k + predicted] += 1;
     }
     let cost: Vec<f64> = overlap.iter().map(|&c| -(c as f64)).collect();
@@ -286,9 +337,14 @@ pub fn align_to_predictions(labels: &mut [u32], logits: &[f32], k: usize) -> f64
     agreeing as f64 / labels.len().max(1) as f64
 }
 
-/// The index of the highest of the cuts' `modularities` (the first among equals).
-fn most_modular(modularities: &[f64]) -> usize {
-    modularities
+/// The index of the largest of `row` (the first of equal maxima).
+fn argmax(row: &[f32]) -> usize {
+    (1..row.len()).fold(0, |best, c| if row[c] > row[best] { c } else { best })
+}
+
+/// The index of the highest of the cuts' `scores` (the first among equals).
+fn first_highest(scores: &[f64]) -> usize {
+    scores
         .iter()
         .enumerate()
         .fold((0, f64::NEG_INFINITY), |best, (i, &q)| {
@@ -391,8 +447,8 @@ mod tests {
             .map(|p| g.modularity(p, 2))
             .collect();
         assert!(q[0] < q[1] && q[1] == q[2]);
-        assert_eq!(most_modular(&q), 1, "the first of equals");
-        assert_eq!(most_modular(&[0.2, 0.5, 0.4]), 1);
+        assert_eq!(first_highest(&q), 1, "the first of equals");
+        assert_eq!(first_highest(&[0.2, 0.5, 0.4]), 1);
         assert_eq!(agreement(&[&across, &rings, &renumbered], 1), {
             (sela_metrics::nmi(&rings, &across) + 1.0) / 2.0
         });

@@ -9,7 +9,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use clap::Parser;
 use sela_assign::{run, Args};
 use sela_io::features::{vector_array, FeaturesInfo, FeaturesLayout, FeaturesWriter};
-use sela_io::labels::{self, AssignStats, HeadLabels};
+use sela_io::labels::{self, AssignStats, CutChoice, HeadLabels};
 use sela_io::parts::Shard;
 use sela_io::table::TableWriter;
 use sela_io::{FileMeta, Provenance};
@@ -530,10 +530,40 @@ fn merged_spectral_labels_rejoin_the_fragments_of_each_group() {
         assert!(report.final_cap >= 1.2 * n as f64 / h.k as f64);
         let predicted = h.predicted_agreement.expect("spectral heads are aligned");
         assert!((0.0..=1.0).contains(&predicted));
+        assert_eq!(report.cut_agreements.len(), 3);
+        assert!(report
+            .cut_agreements
+            .iter()
+            .all(|a| (0.0..=1.0).contains(a)));
     }
+    assert_eq!(settings.keep, CutChoice::Modularity);
     // Deterministic.
     run(&args(&[&base[..], &merged].concat())).unwrap();
     assert_eq!(labels::read(&out).unwrap().heads, read.heads);
+
+    // Kept by agreement with the heads' own clusterings instead.
+    let by_agreement = [&base[..], &merged, &["--spectral-keep", "agreement"]].concat();
+    run(&args(&by_agreement)).unwrap();
+    assert!(pure(&labels::read(&out).unwrap().heads[&0].labels, 3));
+    let stats = read_stats(&stats_path);
+    assert_eq!(
+        stats.spectral.unwrap().merge.unwrap().keep,
+        CutChoice::Agreement
+    );
+    for h in &stats.heads {
+        let report = h.merge.as_ref().expect("merge report");
+        let best = report.cut_agreements[report.kept_cut];
+        assert!(
+            report.cut_agreements.iter().all(|&a| a <= best),
+            "head {}",
+            h.head
+        );
+    }
+    let central = [&base[..], &merged, &["--spectral-keep", "central"]].concat();
+    let Err(err) = Args::try_parse_from(std::iter::once("sela-assign").chain(central)) else {
+        panic!("an unknown cut choice is refused");
+    };
+    assert!(err.to_string().contains("not a cut choice"), "{err}");
 
     // Fragments no more than a head's K are refused, writing nothing.
     let before = std::fs::read(&out).unwrap();

@@ -217,10 +217,15 @@ pub struct AssignSection {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spectral_size_cap: Option<f64>,
     /// With `spectral_fragments`: cut the fragments this many times (one k-means run each, seeds
-    /// `pipeline.seed`, `pipeline.seed + 1`, …) and keep the merged partition of highest
-    /// modularity on the graph; 0 or 1 (0 left out of the config hash): one cut.
+    /// `pipeline.seed`, `pipeline.seed + 1`, …) and keep one merged partition, as
+    /// `spectral_keep` says; 0 or 1 (0 left out of the config hash): one cut.
     #[serde(skip_serializing_if = "is_zero")]
     pub spectral_cuts: usize,
+    /// With `spectral_cuts`: which merged partition is kept: `modularity` (the highest on the
+    /// graph; left out of the config hash) or `agreement` (the highest mean NMI with the heads'
+    /// own clusterings, each head's argmax over its logits).
+    #[serde(skip_serializing_if = "is_modularity")]
+    pub spectral_keep: String,
     /// With `spectral_fragments`: steps of balanced label propagation after the merge, each
     /// re-labelling every image by a transport problem on its graph neighbours' labels (each
     /// cluster N / K images); 0 (left out of the config hash): none.
@@ -239,6 +244,9 @@ pub const DEFAULT_SPECTRAL_SMOOTHING_LAMBDA: f64 = 10.0;
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
+}
+fn is_modularity(keep: &str) -> bool {
+    keep == "modularity"
 }
 
 impl Default for AssignSection {
@@ -260,6 +268,7 @@ impl Default for AssignSection {
             spectral_eigenvectors: 0,
             spectral_size_cap: None,
             spectral_cuts: 0,
+            spectral_keep: "modularity".to_string(),
             spectral_smoothing: 0,
             spectral_smoothing_lambda: None,
         }
@@ -538,6 +547,12 @@ impl PipelineConfig {
             return Err(format!(
                 "assign.spectral_size_cap = {cap}: a group of at most that × N / K images must \
                  be at least 1"
+            ));
+        }
+        if !matches!(a.spectral_keep.as_str(), "modularity" | "agreement") {
+            return Err(format!(
+                "assign.spectral_keep = `{}`: `modularity` or `agreement`",
+                a.spectral_keep
             ));
         }
         if let Some(l) = a
@@ -947,11 +962,23 @@ heads = [10]
                 "assign.spectral_fragments=0".into(),
                 "assign.spectral_eigenvectors=0".into(),
                 "assign.spectral_cuts=0".into(),
+                "assign.spectral_keep=\"modularity\"".into(),
                 "assign.spectral_smoothing=0".into(),
             ],
         )
         .unwrap();
         assert_eq!(plain.hash(), off.hash());
+        let agreement =
+            PipelineConfig::load_with(&path, &["assign.spectral_keep=\"agreement\"".into()])
+                .unwrap();
+        assert_ne!(plain.hash(), agreement.hash());
+        let keep = PipelineConfig::load_with(&path, &["assign.spectral_keep=\"central\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            keep.contains("assign.spectral_keep = `central`: `modularity` or `agreement`"),
+            "{keep}"
+        );
         let k = plain.model.heads.iter().copied().max().unwrap();
         let on = PipelineConfig::load_with(
             &path,

@@ -86,6 +86,32 @@ pub struct SpectralStats {
     pub merge: Option<MergeSettings>,
 }
 
+/// Which of several merged cuts is kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CutChoice {
+    /// The highest modularity of the merged partition on the graph.
+    #[default]
+    Modularity,
+    /// The highest mean NMI of the merged partition with the network's own clusterings: every
+    /// head's argmax over its logits.
+    Agreement,
+}
+
+impl std::str::FromStr for CutChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "modularity" => Ok(CutChoice::Modularity),
+            "agreement" => Ok(CutChoice::Agreement),
+            other => Err(format!(
+                "`{other}` is not a cut choice: `modularity` or `agreement`"
+            )),
+        }
+    }
+}
+
 /// The settings of spectral labels merged from fragments.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MergeSettings {
@@ -95,9 +121,11 @@ pub struct MergeSettings {
     pub eigenvectors: usize,
     /// Cap on a merged group's size, × N / K, before any relaxation.
     pub size_cap: f64,
-    /// Fragment cuts made (one k-means run each, from its own seed); the merged partition of
-    /// highest modularity was kept.
+    /// Fragment cuts made (one k-means run each, from its own seed); `keep` chose among them.
     pub cuts: usize,
+    /// How the kept cut was chosen (modularity in statistics written before there was a choice).
+    #[serde(default)]
+    pub keep: CutChoice,
     /// Steps of balanced label propagation after the merge (0: none).
     pub smoothing_steps: usize,
     /// The exponent λ of those steps' transport problems.
@@ -107,8 +135,8 @@ pub struct MergeSettings {
 /// How one head's merged spectral labels came out.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MergeReport {
-    /// The cut kept (`0..cuts`): the one whose merged partition has the highest modularity on
-    /// the graph.
+    /// The cut kept (`0..cuts`): the one whose merged partition scores highest by the
+    /// settings' `keep`.
     pub kept_cut: usize,
     /// That modularity (0 in statistics written before cuts were chosen by it).
     #[serde(default)]
@@ -117,6 +145,10 @@ pub struct MergeReport {
     /// in statistics written before they were reported).
     #[serde(default)]
     pub cut_modularities: Vec<f64>,
+    /// Every cut's mean NMI with the heads' own clusterings (their argmax), in cut order (empty
+    /// in statistics written before they were reported).
+    #[serde(default)]
+    pub cut_agreements: Vec<f64>,
     /// The kept partition's mean NMI with the other cuts' merged partitions (1 for a single
     /// cut).
     pub agreement: f64,
