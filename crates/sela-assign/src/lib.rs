@@ -807,7 +807,7 @@ pub fn run(args: &Args) -> anyhow::Result<Summary> {
             settings.spectral_merge.clone(),
             settings.seed,
         )?;
-        if settings.spectral_merge.as_ref().is_some_and(|m| m.cuts > 1) {
+        if settings.spectral_merge.is_some() {
             for (_, column) in &heads {
                 let matrix = features::read_matrix(&args.logits, column)?;
                 let ctx = format!("{}: column `{column}`", args.logits.display());

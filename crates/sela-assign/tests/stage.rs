@@ -559,6 +559,16 @@ fn merged_spectral_labels_rejoin_the_fragments_of_each_group() {
             h.head
         );
     }
+    // One cut leaves nothing to choose, whichever the choice.
+    let one_cut = [
+        &base[..],
+        &merged[..6],
+        &["--spectral-cuts", "1", "--spectral-keep", "agreement"],
+    ]
+    .concat();
+    run(&args(&one_cut)).unwrap();
+    let report = read_stats(&stats_path).heads[0].merge.clone().unwrap();
+    assert_eq!((report.kept_cut, report.cut_agreements.len()), (0, 1));
     let central = [&base[..], &merged, &["--spectral-keep", "central"]].concat();
     let Err(err) = Args::try_parse_from(std::iter::once("sela-assign").chain(central)) else {
         panic!("an unknown cut choice is refused");
