@@ -386,6 +386,18 @@ pub struct AugmentSection {
     pub contrast: f32,
     /// Probability of converting an RGB image to grayscale.
     pub grayscale_p: f32,
+    /// The first round whose training sees the images as they are, with no augmentation (the
+    /// views `sela-extract` reads); unset, every round is augmented. Left out of the config hash
+    /// when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub off_from_round: Option<u32>,
+}
+
+impl AugmentSection {
+    /// Whether training in `round` augments its images.
+    pub fn applies_at(&self, round: u32) -> bool {
+        self.off_from_round.is_none_or(|first| round < first)
+    }
 }
 
 impl Default for AugmentSection {
@@ -399,6 +411,7 @@ impl Default for AugmentSection {
             brightness: 0.4,
             contrast: 0.4,
             grayscale_p: 0.0,
+            off_from_round: None,
         }
     }
 }
@@ -919,6 +932,20 @@ heads = [10]
             (50, Some(4))
         );
         assert_ne!(plain.hash(), on.hash());
+    }
+
+    #[test]
+    fn augmentation_off_from_round_defaults_off_and_keeps_old_hashes() {
+        let (_d, path) = write(MINIMAL);
+        let plain = PipelineConfig::load(&path).unwrap();
+        assert!(plain.augment.off_from_round.is_none());
+        assert!(plain.augment.applies_at(0) && plain.augment.applies_at(99));
+        let on = PipelineConfig::load_with(&path, &["augment.off_from_round=3".into()]).unwrap();
+        assert!(on.augment.applies_at(2));
+        assert!(!on.augment.applies_at(3) && !on.augment.applies_at(9));
+        assert_ne!(plain.hash(), on.hash());
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("off_from_round"), "{json}");
     }
 
     #[test]

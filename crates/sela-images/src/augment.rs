@@ -187,6 +187,7 @@ mod tests {
             brightness: 0.0,
             contrast: 0.0,
             grayscale_p: 0.0,
+            off_from_round: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The training stage: trains the network of the pipeline config (backbone and every head) with
 //! the mean over heads of each head's cross-entropy against that head's labels for the current
-//! round, on augmented views prepared by a prefetching loader.
+//! round, on augmented views prepared by a prefetching loader (the images as they are from
+//! `augment.off_from_round` on).
 //!
 //! - The learning-rate schedule spans the whole pipeline: round R trains the global epochs that
 //!   follow rounds 1..R−1's, of all rounds' epochs (`train.epochs_per_round`: one count E gives
@@ -241,7 +242,11 @@ pub fn run(args: &Args) -> Result<Summary> {
         mean: config.mean(),
         std: config.std(),
     };
-    let view = View::Augmented(config.augment.clone());
+    let view = if config.augment.applies_at(round) {
+        View::Augmented(config.augment.clone())
+    } else {
+        View::Clean
+    };
     let remaining = (end_epoch - state.epoch) as u64 * steps_per_epoch - state.batch;
     let mut progress = Progress::new(
         "train",

@@ -98,6 +98,29 @@ warmup_epochs = 0.5
         sela_io::labels::write(self.path(name), &map, &meta).unwrap();
     }
 
+    /// Trains round `round` on `labels.parquet` from `init` into `output`, with `sets` as
+    /// `--set` overrides.
+    fn round(
+        &self,
+        sets: &[&str],
+        round: &str,
+        init: &str,
+        output: &str,
+    ) -> anyhow::Result<sela_train::Summary> {
+        let mut argv: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
+        argv.extend([
+            "--round",
+            round,
+            "--labels",
+            "labels.parquet",
+            "--init",
+            init,
+            "--output",
+            output,
+        ]);
+        self.run(&argv)
+    }
+
     fn run(&self, extra: &[&str]) -> anyhow::Result<sela_train::Summary> {
         let mut argv = vec![
             "sela-train".to_string(),
@@ -315,29 +338,14 @@ fn per_round_epochs_train_as_rounds_of_one_epoch_on_fixed_labels() {
 fn heads_move_onto_the_embedding_at_their_round() {
     let f = Fixture::new();
     let switch = [
-        "--set",
         "model.embedding_stage=0",
-        "--set",
         "model.embedding_grid=2",
-        "--set",
         "model.embedding_heads=[1]",
-        "--set",
         "model.embedding_heads_from_round=2",
     ];
-    let round = |r: &str, init: &str, out: &str| {
-        let args = [
-            "--round",
-            r,
-            "--labels",
-            "labels.parquet",
-            "--init",
-            init,
-            "--output",
-            out,
-        ];
-        f.run(&[&switch[..], &args[..]].concat())
-    };
-    f.run(&[&switch[..], &["--round", "0", "--output", "r0.safetensors"]].concat())
+    let round = |r: &str, init: &str, out: &str| f.round(&switch, r, init, out);
+    let sets: Vec<&str> = switch.iter().flat_map(|s| ["--set", s]).collect();
+    f.run(&[&sets[..], &["--round", "0", "--output", "r0.safetensors"]].concat())
         .unwrap();
     round("1", "r0.safetensors", "r1.safetensors").unwrap();
     round("2", "r1.safetensors", "r2.safetensors").unwrap();
@@ -489,4 +497,52 @@ fn binary_exit_codes() {
     );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["round"], 0);
+}
+
+#[test]
+fn augmentation_stops_at_its_round() {
+    let f = Fixture::new();
+    f.run(&["--round", "0", "--output", "r0.safetensors"])
+        .unwrap();
+    let round = |r: &str, init: &str, out: &str, sets: &[&str]| {
+        f.round(sets, r, init, out).unwrap();
+    };
+    let off = ["augment.off_from_round=2"];
+    let identity = [
+        "augment.crop_scale=[1.0, 1.0]",
+        "augment.crop_ratio=[1.0, 1.0]",
+        "augment.rotation_deg=0.0",
+        "augment.translate=0.0",
+        "augment.brightness=0.0",
+        "augment.contrast=0.0",
+    ];
+    round("1", "r0.safetensors", "r1.safetensors", &[]);
+    round("1", "r0.safetensors", "r1-off.safetensors", &off);
+    round("2", "r1.safetensors", "r2.safetensors", &[]);
+    round("2", "r1.safetensors", "r2-off.safetensors", &off);
+    round("2", "r1.safetensors", "r2-identity.safetensors", &identity);
+    let weights = |name: &str| -> Vec<f32> {
+        let ck = checkpoint::load_any(&f.path(name)).unwrap();
+        ck.network
+            .params()
+            .iter()
+            .flat_map(|p| p.data.clone())
+            .collect()
+    };
+    let distance = |a: &str, b: &str| {
+        let (a, b) = (weights(a), weights(b));
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    // Before its round the switch changes nothing; from it on, training sees the clean images,
+    // which an augmentation of strength zero reproduces up to resampling error.
+    assert_eq!(weights("r1.safetensors"), weights("r1-off.safetensors"));
+    let to_identity = distance("r2-off.safetensors", "r2-identity.safetensors");
+    let to_augmented = distance("r2-off.safetensors", "r2.safetensors");
+    assert!(
+        to_identity * 10.0 < to_augmented,
+        "clean vs identity {to_identity}, clean vs augmented {to_augmented}"
+    );
 }
