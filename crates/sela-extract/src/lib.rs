@@ -164,7 +164,7 @@ pub fn run(config: &PipelineConfig, opts: &ExtractOptions) -> Result<ExtractSumm
     };
     let started = Instant::now();
     let target = part_path(output, opts.shard)?;
-    let rows = extract(config, &model, dataset, &target, opts)?;
+    let rows = extract(config, &spec, &model, dataset, &target, opts)?;
     let seconds = started.elapsed().as_secs_f64();
     summary.output = Some(target);
     summary.rows = rows;
@@ -219,12 +219,12 @@ impl Model {
 
 fn extract(
     config: &PipelineConfig,
+    spec: &ModelSpec,
     model: &Model,
     dataset: &Path,
     target: &Path,
     opts: &ExtractOptions,
 ) -> Result<u64> {
-    let spec = ModelSpec::from_config(config, opts.round);
     let shape = Shape {
         channels: spec.channels,
         height: spec.height,
@@ -244,7 +244,7 @@ fn extract(
         None => &opts.checkpoint,
     };
     let info = FeaturesInfo {
-        layout: model.layout(&spec),
+        layout: model.layout(spec),
         dataset: dataset.display().to_string(),
         dataset_rows,
         checkpoint: Some(weights.display().to_string()),
