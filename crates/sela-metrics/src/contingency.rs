@@ -50,6 +50,47 @@ impl Contingency {
                 _ => cells.push((i, j, 1)),
             }
         }
+        Self::from_cells(row_labels, col_labels, cells)
+    }
+
+    /// The table of a dense row-major matrix of `rows × cols` counts, rows and columns labelled
+    /// `0..rows` and `0..cols`; all-zero rows and columns are dropped, as [`Contingency::new`]
+    /// never sees them.
+    ///
+    /// # Panics
+    /// If `counts` does not hold `rows × cols` entries.
+    pub fn from_dense(counts: &[u64], rows: usize, cols: usize) -> Self {
+        assert_eq!(
+            counts.len(),
+            rows * cols,
+            "a {rows} × {cols} table of counts"
+        );
+        let row_labels: Vec<u32> = (0..rows)
+            .filter(|&i| counts[i * cols..(i + 1) * cols].iter().any(|&c| c > 0))
+            .map(|i| i as u32)
+            .collect();
+        let col_labels: Vec<u32> = (0..cols)
+            .filter(|&j| (0..rows).any(|i| counts[i * cols + j] > 0))
+            .map(|j| j as u32)
+            .collect();
+        let mut cells = Vec::new();
+        for (ri, &i) in row_labels.iter().enumerate() {
+            for (ci, &j) in col_labels.iter().enumerate() {
+                let c = counts[i as usize * cols + j as usize];
+                if c > 0 {
+                    cells.push((ri, ci, c));
+                }
+            }
+        }
+        Self::from_cells(row_labels, col_labels, cells)
+    }
+
+    /// The table of sorted non-zero `cells` (row index, column index, count).
+    fn from_cells(
+        row_labels: Vec<u32>,
+        col_labels: Vec<u32>,
+        cells: Vec<(usize, usize, u64)>,
+    ) -> Self {
         let mut row_sums = vec![0u64; row_labels.len()];
         let mut col_sums = vec![0u64; col_labels.len()];
         for &(i, j, c) in &cells {
@@ -57,12 +98,12 @@ impl Contingency {
             col_sums[j] += c;
         }
         Contingency {
+            n: row_sums.iter().sum(),
             row_labels,
             col_labels,
             row_sums,
             col_sums,
             cells,
-            n: a.len() as u64,
         }
     }
 
@@ -228,6 +269,22 @@ mod tests {
         // Symmetric.
         assert!((ari(&B, &A) - 8.0 / 33.0).abs() < 1e-15);
         assert!((nmi(&B, &A) - expected_nmi).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_dense_table_gives_the_labelings_table() {
+        let a = labels(2000, 6, 7);
+        let b = labels(2000, 9, 8);
+        let t = Contingency::new(&a, &b);
+        let (rows, cols) = (t.row_labels.len(), t.col_labels.len());
+        assert_eq!(Contingency::from_dense(&t.dense(), rows, cols), t);
+        // Empty rows and columns are dropped: the table of A and B with a zero row and column.
+        let padded = [2, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 2];
+        let p = Contingency::from_dense(&padded, 3, 4);
+        let known = Contingency::new(&A, &B);
+        assert_eq!((p.row_labels, p.col_labels), (vec![0, 2], vec![0, 2, 3]));
+        assert_eq!((p.cells, p.n), (known.cells.clone(), 6));
+        assert_eq!(Contingency::from_dense(&padded, 3, 4).nmi(), known.nmi());
     }
 
     #[test]
