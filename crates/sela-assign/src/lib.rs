@@ -23,6 +23,7 @@
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod neighbours;
+pub mod refine;
 pub mod spectral;
 
 use std::collections::BTreeMap;
@@ -154,6 +155,11 @@ pub struct Args {
     /// assign.spectral_smoothing_lambda, default 10].
     #[arg(long, value_name = "LAMBDA")]
     pub spectral_smoothing_lambda: Option<f64>,
+    /// With --spectral-fragments: refine the kept partition by moving whole fragments between
+    /// groups while that raises its mean NMI with the heads' own clusterings plus WEIGHT × its
+    /// modularity [config assign.spectral_refine, default none].
+    #[arg(long, value_name = "WEIGHT")]
+    pub spectral_refine: Option<f64>,
     /// Round to exactly balanced hard labels (sizes ⌊N/K⌋ or ⌈N/K⌉), by confidence
     /// [or config assign.exact_balance].
     #[arg(long)]
@@ -365,6 +371,7 @@ impl Settings {
                 .spectral_smoothing_lambda
                 .or(d.spectral_smoothing_lambda)
                 .unwrap_or(sela_config::DEFAULT_SPECTRAL_SMOOTHING_LAMBDA),
+            refine: args.spectral_refine.or(d.spectral_refine),
         });
         if let Some(m) = &spectral_merge {
             if !(m.size_cap.is_finite() && m.size_cap >= 1.0) {
@@ -372,6 +379,9 @@ impl Settings {
                     "--spectral-size-cap must be at least 1 (× N / K), got {}",
                     m.size_cap
                 );
+            }
+            if let Some(w) = m.refine.filter(|w| !(w.is_finite() && *w >= 0.0)) {
+                bail!("--spectral-refine must be a finite number ≥ 0, got {w}");
             }
             if !(m.smoothing_lambda.is_finite() && m.smoothing_lambda > 0.0) {
                 bail!(

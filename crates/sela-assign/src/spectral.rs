@@ -2,10 +2,11 @@
 //! K-way spectral clustering of the embedding's nearest-neighbour graph (K the head's outputs).
 //! The graph and its eigenvectors are computed once and shared by every head.
 //!
-//! With [`MergeSettings`] (`assign.spectral_fragments`) the K groups are merged from fragments of the embedding
-//! ([`sela_spectral::cluster_merged`]), then optionally smoothed by balanced label propagation:
-//! each step re-labels every image by a transport problem (the label step's Sinkhorn solver,
-//! uniform marginals) on its graph neighbours' labels.
+//! With [`MergeSettings`] (`assign.spectral_fragments`) the K groups are merged from fragments
+//! of the embedding ([`sela_spectral::cluster_merged`]), optionally refined towards the heads'
+//! own clusterings ([`crate::refine`], `assign.spectral_refine`), then optionally smoothed by
+//! balanced label propagation: each step re-labels every image by a transport problem (the label
+//! step's Sinkhorn solver, uniform marginals) on its graph neighbours' labels.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,12 +14,14 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail};
 use sela_io::labels::{
-    CutChoice, HeadLabels, HeadStats, MergeReport, MergeSettings, SpectralStats, SPECTRAL_PATH,
+    CutChoice, HeadLabels, HeadStats, MergeReport, MergeSettings, RefineReport, SpectralStats,
+    SPECTRAL_PATH,
 };
 use sela_sinkhorn::{uniform_marginals, Sinkhorn};
 use sela_spectral::{Graph, MergeOptions, Options, Spectrum};
 
 use crate::neighbours::{same_rows, Neighbours};
+use crate::refine::refine;
 
 /// Pseudo-count added to every label's neighbour votes before the propagation's transport
 /// problem, so a label no neighbour holds stays possible, if costly.
@@ -284,17 +287,47 @@ impl SpectralLabels {
         };
         let agreement = agreement(&partitions, kept);
         let c = cuts.into_iter().nth(kept).expect("the kept cut exists");
-        let merged = c.labels.clone();
+        let (merged, merged_confidence, refinement) = match merge.refine {
+            None => (c.labels, c.confidence, None),
+            Some(weight) => {
+                let cap = merge.size_cap * self.graph.nodes() as f64 / k as f64;
+                let refined = refine(
+                    &self.graph,
+                    &c.fragments.labels,
+                    &c.merge.groups,
+                    k,
+                    &self.predictions,
+                    (weight, cap),
+                )?;
+                let labels: Vec<u32> = c
+                    .fragments
+                    .labels
+                    .iter()
+                    .map(|&f| refined.groups[f as usize])
+                    .collect();
+                let changed = labels.iter().zip(&c.labels).filter(|(a, b)| a != b).count();
+                let report = RefineReport {
+                    moves: refined.moves,
+                    changed: changed as f64 / labels.len().max(1) as f64,
+                    agreement_before: cut_agreements[kept],
+                    agreement_after: self.agreement_with_predictions(&labels),
+                    modularity_before: cut_modularities[kept],
+                    modularity_after: self.graph.modularity(&labels, k),
+                };
+                let confidence = sela_spectral::neighbour_share(&self.graph, &labels);
+                (labels, confidence, Some(report))
+            }
+        };
         let (labels, confidence, steps) = if merge.smoothing_steps > 0 {
             propagate(
                 &self.graph,
-                c.labels,
+                merged.clone(),
                 k,
                 merge.smoothing_steps,
                 merge.smoothing_lambda,
             )?
         } else {
-            (c.labels, c.confidence, 0)
+            (merged.clone(), merged_confidence, 0)
         };
         let changed = labels.iter().zip(&merged).filter(|(a, b)| a != b).count();
         Ok(Made {
@@ -309,6 +342,7 @@ impl SpectralLabels {
                 final_cap: c.merge.final_cap,
                 smoothing_steps: steps,
                 smoothing_changed: changed as f64 / labels.len().max(1) as f64,
+                refinement,
             }),
             labels,
             confidence,

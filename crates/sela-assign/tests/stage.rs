@@ -559,6 +559,29 @@ fn merged_spectral_labels_rejoin_the_fragments_of_each_group() {
             h.head
         );
     }
+    // Refined towards the heads' own clusterings: the score never falls, and is reported.
+    let refined = [&base[..], &merged, &["--spectral-refine", "3"]].concat();
+    run(&args(&refined)).unwrap();
+    assert!(pure(&labels::read(&out).unwrap().heads[&0].labels, 3));
+    let stats = read_stats(&stats_path);
+    assert_eq!(stats.spectral.unwrap().merge.unwrap().refine, Some(3.0));
+    for h in &stats.heads {
+        let r = h
+            .merge
+            .as_ref()
+            .unwrap()
+            .refinement
+            .clone()
+            .expect("refined");
+        let score = |agreement: f64, modularity: f64| agreement + 3.0 * modularity;
+        assert!(
+            score(r.agreement_after, r.modularity_after)
+                >= score(r.agreement_before, r.modularity_before) - 1e-12,
+            "head {}: {r:?}",
+            h.head
+        );
+        assert_eq!(r.moves == 0, r.changed == 0.0, "{r:?}");
+    }
     // One cut leaves nothing to choose, whichever the choice.
     let one_cut = [
         &base[..],
@@ -591,6 +614,11 @@ fn merged_spectral_labels_rejoin_the_fragments_of_each_group() {
     ))
     .unwrap_err();
     assert!(format!("{err:#}").contains("at least 1"), "{err:#}");
+    let err = run(&args(
+        &[&base[..], &merged, &["--spectral-refine=-1"]].concat(),
+    ))
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("finite number ≥ 0"), "{err:#}");
     assert_eq!(std::fs::read(&out).unwrap(), before);
 }
 

@@ -235,6 +235,12 @@ pub struct AssignSection {
     /// the config hash): 10.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spectral_smoothing_lambda: Option<f64>,
+    /// With `spectral_fragments`: refine the kept merged partition before propagation by moving
+    /// whole fragments between groups while that raises its mean NMI with the heads' own
+    /// clusterings (each head's argmax) plus this weight × its modularity on the graph, no group
+    /// past the size cap; unset (left out of the config hash): no refinement.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spectral_refine: Option<f64>,
 }
 
 /// [`AssignSection::spectral_size_cap`] when unset.
@@ -271,6 +277,7 @@ impl Default for AssignSection {
             spectral_keep: "modularity".to_string(),
             spectral_smoothing: 0,
             spectral_smoothing_lambda: None,
+            spectral_refine: None,
         }
     }
 }
@@ -574,6 +581,12 @@ impl PipelineConfig {
         {
             return Err(format!(
                 "assign.spectral_smoothing_lambda = {l} must be a positive finite number"
+            ));
+        }
+        if let Some(w) = a.spectral_refine.filter(|w| !(w.is_finite() && *w >= 0.0)) {
+            return Err(format!(
+                "assign.spectral_refine = {w}: the weight on modularity must be a finite number \
+                 ≥ 0"
             ));
         }
         if m.widths.is_empty() || m.widths.len() != m.blocks.len() || m.widths.contains(&0) {
@@ -1040,6 +1053,17 @@ heads = [10]
         assert!(
             lambda.contains("spectral_smoothing_lambda = -1"),
             "{lambda}"
+        );
+        let refine =
+            PipelineConfig::load_with(&path, &["assign.spectral_refine=3.0".into()]).unwrap();
+        assert_eq!(refine.assign.spectral_refine, Some(3.0));
+        assert_ne!(plain.hash(), refine.hash());
+        let negative = PipelineConfig::load_with(&path, &["assign.spectral_refine=-1.0".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            negative.contains("assign.spectral_refine = -1"),
+            "{negative}"
         );
     }
 

@@ -167,7 +167,18 @@ pub fn cluster_merged(
         .iter()
         .map(|&f| merged.groups[f as usize])
         .collect();
-    let confidence = (0..graph.nodes())
+    let confidence = neighbour_share(graph, &labels);
+    Ok(MergedClustering {
+        labels,
+        confidence,
+        fragments,
+        merge: merged,
+    })
+}
+
+/// Each node's share of its graph neighbours that carry its own label, in [0, 1].
+pub fn neighbour_share(graph: &Graph, labels: &[u32]) -> Vec<f32> {
+    (0..graph.nodes())
         .map(|i| {
             let near = graph.neighbours(i);
             let same = near
@@ -176,13 +187,7 @@ pub fn cluster_merged(
                 .count();
             same as f32 / near.len() as f32
         })
-        .collect();
-    Ok(MergedClustering {
-        labels,
-        confidence,
-        fragments,
-        merge: merged,
-    })
+        .collect()
 }
 
 /// The first `dim` eigenvectors of `spectrum`, each node's row scaled to unit length.

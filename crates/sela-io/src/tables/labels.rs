@@ -130,6 +130,10 @@ pub struct MergeSettings {
     pub smoothing_steps: usize,
     /// The exponent λ of those steps' transport problems.
     pub smoothing_lambda: f64,
+    /// With a weight on modularity: the kept partition was refined by moving fragments towards
+    /// the heads' own clusterings (absent: not refined).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine: Option<f64>,
 }
 
 /// How one head's merged spectral labels came out.
@@ -158,6 +162,24 @@ pub struct MergeReport {
     pub smoothing_steps: usize,
     /// Fraction of images whose label the propagation changed.
     pub smoothing_changed: f64,
+    /// How the refinement towards the heads' clusterings went (absent: none was asked for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refinement: Option<RefineReport>,
+}
+
+/// How a merged partition was refined towards the heads' own clusterings.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RefineReport {
+    /// Fragments moved between groups.
+    pub moves: usize,
+    /// Share of images whose group changed.
+    pub changed: f64,
+    /// Mean NMI with the heads' clusterings before and after.
+    pub agreement_before: f64,
+    pub agreement_after: f64,
+    /// Modularity on the graph before and after.
+    pub modularity_before: f64,
+    pub modularity_after: f64,
 }
 
 fn plain_updates() -> String {
