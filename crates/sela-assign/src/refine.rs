@@ -82,20 +82,21 @@ pub fn refine(
             if (state.group_size[from as usize] as f64) - size < floor {
                 continue;
             }
+            let to_groups = state.links_to_groups(f);
             let mut best = (score, from);
             for to in (0..k as u32).filter(|&g| g != from) {
                 if state.group_size[to as usize] as f64 + size > cap {
                     continue;
                 }
-                state.relocate(f, to);
+                state.relocate(f, to, &to_groups);
                 let s = state.score(weight);
-                state.relocate(f, from);
+                state.relocate(f, from, &to_groups);
                 if s > best.0 + MIN_GAIN {
                     best = (s, to);
                 }
             }
             if best.1 != from {
-                state.relocate(f, best.1);
+                state.relocate(f, best.1, &to_groups);
                 score = best.0;
                 moves += 1;
                 moved = true;
@@ -113,18 +114,31 @@ pub fn refine(
     })
 }
 
-/// Fragment-level tables: everything the score needs, summed per group on demand.
+/// Fragment-level tables and their sums per group, kept up to date as fragments move. All
+/// counts are integers, so a score depends only on the grouping, not on the moves that led to it.
 struct State {
     k: usize,
     groups: Vec<u32>,
     fragment_size: Vec<u64>,
     group_size: Vec<u64>,
-    /// Edge ends between fragments, row-major `fragments × fragments`.
-    links: Vec<f64>,
+    /// Edge ends between fragments, row-major `fragments × fragments` (symmetric).
+    links: Vec<u64>,
+    /// Edge ends from each fragment (its volume).
+    fragment_volume: Vec<u64>,
+    /// Edge ends inside each group (both ends in it) and from it.
+    group_inside: Vec<u64>,
+    group_volume: Vec<u64>,
     /// Edge ends in all (twice the graph's edges).
     total: f64,
-    /// Per head: its outputs and its row-major `fragments × outputs` counts.
-    tables: Vec<(usize, Vec<u64>)>,
+    /// Per head: its outputs, its row-major `fragments × outputs` counts and their sums per group
+    /// (`k × outputs`).
+    tables: Vec<HeadTable>,
+}
+
+struct HeadTable {
+    outputs: usize,
+    counts: Vec<u64>,
+    grouped: Vec<u64>,
 }
 
 impl State {
@@ -138,7 +152,7 @@ impl State {
     ) -> anyhow::Result<Self> {
         let m = fragments;
         let mut fragment_size = vec![0u64; m];
-        let mut links = vec![0.0f64; m * m];
+        let mut links = vec![0u64; m * m];
         for (i, &a) in fragment_of.iter().enumerate() {
             let a = a as usize;
             if a >= m || groups[a] as usize >= k {
@@ -146,16 +160,10 @@ impl State {
             }
             fragment_size[a] += 1;
             for &j in graph.neighbours(i) {
-                links[a * m + fragment_of[j as usize] as usize] += 1.0;
+                links[a * m + fragment_of[j as usize] as usize] += 1;
             }
         }
-        let total = links.iter().sum();
-        let mut group_size = vec![0u64; k];
-        for (f, &g) in groups.iter().enumerate() {
-            if g != u32::MAX {
-                group_size[g as usize] += fragment_size[f];
-            }
-        }
+        let fragment_volume: Vec<u64> = links.chunks(m).map(|row| row.iter().sum()).collect();
         let tables = predictions
             .iter()
             .map(|p| {
@@ -164,74 +172,104 @@ impl State {
                 for (&f, &c) in fragment_of.iter().zip(p) {
                     counts[f as usize * outputs + c as usize] += 1;
                 }
-                (outputs, counts)
+                HeadTable {
+                    outputs,
+                    counts,
+                    grouped: vec![0; k * outputs],
+                }
             })
             .collect();
-        Ok(State {
+        let mut state = State {
             k,
-            groups: groups.to_vec(),
+            groups: vec![u32::MAX; m],
             fragment_size,
-            group_size,
+            group_size: vec![0; k],
+            total: fragment_volume.iter().sum::<u64>() as f64,
             links,
-            total,
+            fragment_volume,
+            group_inside: vec![0; k],
+            group_volume: vec![0; k],
             tables,
-        })
+        };
+        for (f, &g) in groups.iter().enumerate() {
+            if g != u32::MAX {
+                let to_groups = state.links_to_groups(f);
+                state.enter(f, g, &to_groups);
+            }
+        }
+        Ok(state)
+    }
+
+    /// Edge ends from fragment `f` into each group, `f`'s own links left out.
+    fn links_to_groups(&self, f: usize) -> Vec<u64> {
+        let m = self.groups.len();
+        let mut to = vec![0u64; self.k];
+        for (b, &g) in self.groups.iter().enumerate() {
+            if b != f && g != u32::MAX {
+                to[g as usize] += self.links[f * m + b];
+            }
+        }
+        to
+    }
+
+    /// Puts fragment `f` (in no group) into group `g`; `to_groups` is [`Self::links_to_groups`].
+    fn enter(&mut self, f: usize, g: u32, to_groups: &[u64]) {
+        let m = self.groups.len();
+        let gi = g as usize;
+        self.groups[f] = g;
+        self.group_size[gi] += self.fragment_size[f];
+        self.group_volume[gi] += self.fragment_volume[f];
+        self.group_inside[gi] += 2 * to_groups[gi] + self.links[f * m + f];
+        for t in &mut self.tables {
+            let o = t.outputs;
+            let (row, into) = (
+                &t.counts[f * o..(f + 1) * o],
+                &mut t.grouped[gi * o..(gi + 1) * o],
+            );
+            into.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+        }
+    }
+
+    /// Takes fragment `f` out of its group; `to_groups` is [`Self::links_to_groups`].
+    fn leave(&mut self, f: usize, to_groups: &[u64]) {
+        let m = self.groups.len();
+        let gi = self.groups[f] as usize;
+        self.groups[f] = u32::MAX;
+        self.group_size[gi] -= self.fragment_size[f];
+        self.group_volume[gi] -= self.fragment_volume[f];
+        self.group_inside[gi] -= 2 * to_groups[gi] + self.links[f * m + f];
+        for t in &mut self.tables {
+            let o = t.outputs;
+            let (row, from) = (
+                &t.counts[f * o..(f + 1) * o],
+                &mut t.grouped[gi * o..(gi + 1) * o],
+            );
+            from.iter_mut().zip(row).for_each(|(a, &b)| *a -= b);
+        }
     }
 
     /// Moves fragment `f` into group `to`.
-    fn relocate(&mut self, f: usize, to: u32) {
-        let from = self.groups[f] as usize;
-        self.group_size[from] -= self.fragment_size[f];
-        self.group_size[to as usize] += self.fragment_size[f];
-        self.groups[f] = to;
+    fn relocate(&mut self, f: usize, to: u32, to_groups: &[u64]) {
+        self.leave(f, to_groups);
+        self.enter(f, to, to_groups);
     }
 
     /// Mean NMI with the heads' clusterings + `weight` × modularity.
     fn score(&self, weight: f64) -> f64 {
-        let k = self.k;
         let agreement: f64 = self
             .tables
             .iter()
-            .map(|(outputs, counts)| {
-                let mut grouped = vec![0u64; k * outputs];
-                for (f, &g) in self.groups.iter().enumerate() {
-                    if g == u32::MAX {
-                        continue;
-                    }
-                    let row = &counts[f * outputs..(f + 1) * outputs];
-                    let into = &mut grouped[g as usize * outputs..(g as usize + 1) * outputs];
-                    into.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
-                }
-                Contingency::from_dense(&grouped, k, *outputs).nmi()
-            })
+            .map(|t| Contingency::from_dense(&t.grouped, self.k, t.outputs).nmi())
             .sum::<f64>()
             / self.tables.len() as f64;
         if weight == 0.0 || self.total == 0.0 {
             return agreement;
         }
-        let m = self.groups.len();
-        let mut inside = vec![0.0f64; k];
-        let mut volume = vec![0.0f64; k];
-        for a in 0..m {
-            let ga = self.groups[a];
-            if ga == u32::MAX {
-                continue;
-            }
-            for b in 0..m {
-                let l = self.links[a * m + b];
-                if l == 0.0 {
-                    continue;
-                }
-                volume[ga as usize] += l;
-                if self.groups[b] == ga {
-                    inside[ga as usize] += l;
-                }
-            }
-        }
-        let modularity: f64 = inside
+        let modularity: f64 = self
+            .group_inside
             .iter()
-            .zip(&volume)
-            .map(|(&l, &v)| l / self.total - (v / self.total).powi(2))
+            .zip(&self.group_volume)
+            .map(|(&l, &v)| l as f64 / self.total - (v as f64 / self.total).powi(2))
             .sum();
         agreement + weight * modularity
     }
@@ -281,6 +319,39 @@ mod tests {
         // A small weight on modularity still lets the heads decide; the same run, the same result.
         let again = refine(&g, &fragment_of, &merged, 2, &heads, (0.1, 25.0)).unwrap();
         assert_eq!(again.groups, r.groups);
+    }
+
+    #[test]
+    fn moved_sums_equal_sums_made_afresh() {
+        let g = three_rings(4, 1);
+        let (fragment_of, heads) = setup();
+        let mut moved = State::new(&g, &fragment_of, 3, &[0, 0, 1], 2, &heads).unwrap();
+        for (f, to) in [(1, 1), (0, 1), (0, 0), (2, 0), (2, 1)] {
+            let to_groups = moved.links_to_groups(f);
+            moved.relocate(f, to, &to_groups);
+        }
+        let fresh = State::new(&g, &fragment_of, 3, &[0, 1, 1], 2, &heads).unwrap();
+        assert_eq!(moved.groups, fresh.groups);
+        assert_eq!(
+            (&moved.group_inside, &moved.group_volume, &moved.group_size),
+            (&fresh.group_inside, &fresh.group_volume, &fresh.group_size)
+        );
+        let labels: Vec<u32> = fragment_of
+            .iter()
+            .map(|&f| fresh.groups[f as usize])
+            .collect();
+        let modularity = g.modularity(&labels, 2);
+        assert_eq!(
+            moved.score(1.0) - moved.score(0.0),
+            fresh.score(1.0) - fresh.score(0.0)
+        );
+        assert!((fresh.score(1.0) - fresh.score(0.0) - modularity).abs() < 1e-12);
+        let agreement = heads
+            .iter()
+            .map(|h| sela_metrics::nmi(h, &labels))
+            .sum::<f64>()
+            / 2.0;
+        assert!((fresh.score(0.0) - agreement).abs() < 1e-12);
     }
 
     #[test]
