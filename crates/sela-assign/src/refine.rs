@@ -30,8 +30,9 @@ pub struct Refined {
     pub groups: Vec<u32>,
     /// Fragments moved, in all.
     pub moves: usize,
-    /// The score before and after.
+    /// The score of the groups given.
     pub score_before: f64,
+    /// The score of the groups returned (never lower).
     pub score_after: f64,
 }
 

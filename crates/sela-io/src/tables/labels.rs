@@ -174,11 +174,13 @@ pub struct RefineReport {
     pub moves: usize,
     /// Share of images whose group changed.
     pub changed: f64,
-    /// Mean NMI with the heads' clusterings before and after.
+    /// Mean NMI with the heads' clusterings before the refinement.
     pub agreement_before: f64,
+    /// The same after.
     pub agreement_after: f64,
-    /// Modularity on the graph before and after.
+    /// Modularity on the graph before the refinement.
     pub modularity_before: f64,
+    /// The same after.
     pub modularity_after: f64,
 }
 
