@@ -13,6 +13,7 @@
 //! must not cost the graph more than it gains.
 
 use anyhow::bail;
+use sela_io::labels::RefineReport;
 use sela_metrics::contingency::Contingency;
 use sela_spectral::Graph;
 
@@ -28,12 +29,9 @@ const MIN_GAIN: f64 = 1e-12;
 pub struct Refined {
     /// Group (`0..k`) of every fragment (`u32::MAX` for a fragment without nodes, as given).
     pub groups: Vec<u32>,
-    /// Fragments moved, in all.
-    pub moves: usize,
-    /// The score of the groups given.
-    pub score_before: f64,
-    /// The score of the groups returned (never lower).
-    pub score_after: f64,
+    /// Fragments moved, the share of nodes whose group changed, and the agreement and modularity
+    /// of the groups given and of those returned.
+    pub report: RefineReport,
 }
 
 /// Moves the fragments of `graph` (fragment of every node in `fragment_of`) between the `k`
@@ -69,8 +67,8 @@ pub fn refine(
     }
     let mut state = State::new(graph, fragment_of, fragments, groups, k, predictions)?;
     let floor = REFINE_FLOOR * n as f64 / k as f64;
-    let score_before = state.score(weight);
-    let mut score = score_before;
+    let (agreement_before, modularity_before) = (state.agreement(), state.modularity());
+    let mut score = state.score(weight);
     let mut moves = 0;
     for _ in 0..MAX_SWEEPS {
         let mut moved = false;
@@ -107,11 +105,21 @@ pub fn refine(
             break;
         }
     }
+    let changed: u64 = (0..fragments)
+        .filter(|&f| state.groups[f] != groups[f])
+        .map(|f| state.fragment_size[f])
+        .sum();
+    let report = RefineReport {
+        moves,
+        changed: changed as f64 / n.max(1) as f64,
+        agreement_before,
+        agreement_after: state.agreement(),
+        modularity_before,
+        modularity_after: state.modularity(),
+    };
     Ok(Refined {
         groups: state.groups,
-        moves,
-        score_before,
-        score_after: score,
+        report,
     })
 }
 
@@ -255,24 +263,33 @@ impl State {
         self.enter(f, to, to_groups);
     }
 
-    /// Mean NMI with the heads' clusterings + `weight` × modularity.
-    fn score(&self, weight: f64) -> f64 {
-        let agreement: f64 = self
-            .tables
+    /// Mean NMI of the grouping with the heads' clusterings.
+    fn agreement(&self) -> f64 {
+        self.tables
             .iter()
             .map(|t| Contingency::from_dense(&t.grouped, self.k, t.outputs).nmi())
             .sum::<f64>()
-            / self.tables.len() as f64;
-        if weight == 0.0 || self.total == 0.0 {
-            return agreement;
+            / self.tables.len() as f64
+    }
+
+    /// Modularity of the grouping on the graph, as [`Graph::modularity`] computes it.
+    fn modularity(&self) -> f64 {
+        if self.total == 0.0 {
+            return 0.0;
         }
-        let modularity: f64 = self
-            .group_inside
+        self.group_inside
             .iter()
             .zip(&self.group_volume)
             .map(|(&l, &v)| l as f64 / self.total - (v as f64 / self.total).powi(2))
-            .sum();
-        agreement + weight * modularity
+            .sum()
+    }
+
+    /// Mean NMI with the heads' clusterings + `weight` × modularity.
+    fn score(&self, weight: f64) -> f64 {
+        if weight == 0.0 {
+            return self.agreement();
+        }
+        self.agreement() + weight * self.modularity()
     }
 }
 
@@ -315,8 +332,10 @@ mod tests {
         let (fragment_of, heads) = setup();
         let merged = [0, 0, 1];
         let r = refine(&g, &fragment_of, &merged, 2, &heads, (0.0, 25.0)).unwrap();
-        assert_eq!((r.groups.clone(), r.moves), (vec![0, 1, 1], 1));
-        assert!(r.score_after > r.score_before);
+        assert_eq!((r.groups.clone(), r.report.moves), (vec![0, 1, 1], 1));
+        // The score at weight 0 is the agreement.
+        assert!(r.report.agreement_after > r.report.agreement_before);
+        assert_eq!(r.report.changed, 10.0 / 30.0);
         // A small weight on modularity still lets the heads decide; the same run, the same result.
         let again = refine(&g, &fragment_of, &merged, 2, &heads, (0.1, 25.0)).unwrap();
         assert_eq!(again.groups, r.groups);
@@ -367,7 +386,7 @@ mod tests {
         };
         assert!(q([0, 0, 1]) > q([0, 1, 1]));
         let r = refine(&g, &fragment_of, &merged, 2, &heads, (100.0, 25.0)).unwrap();
-        assert_eq!((r.groups, r.moves), (merged.to_vec(), 0));
+        assert_eq!((r.groups, r.report.moves), (merged.to_vec(), 0));
     }
 
     #[test]
@@ -376,11 +395,11 @@ mod tests {
         let (fragment_of, heads) = setup();
         // B would make C's group 20 nodes: over a cap of 19.
         let r = refine(&g, &fragment_of, &[0, 0, 1], 2, &heads, (0.0, 19.0)).unwrap();
-        assert_eq!(r.moves, 0);
+        assert_eq!(r.report.moves, 0);
         // Three groups, one ring each: B joining C would agree with the heads exactly, but would
         // leave its group empty, under the floor of 0.6 × 10 nodes.
         let r = refine(&g, &fragment_of, &[0, 1, 2], 3, &heads, (0.0, 30.0)).unwrap();
-        assert_eq!(r.moves, 0);
+        assert_eq!(r.report.moves, 0);
         assert!(refine(&g, &fragment_of, &[0, 0, 1], 2, &[], (0.0, 25.0)).is_err());
         assert!(refine(&g, &fragment_of, &[0, 0, 1], 2, &heads, (f64::NAN, 25.0)).is_err());
         assert!(refine(&g, &fragment_of[1..], &[0, 0, 1], 2, &heads, (0.0, 25.0)).is_err());

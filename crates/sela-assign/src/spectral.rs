@@ -14,8 +14,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail};
 use sela_io::labels::{
-    CutChoice, HeadLabels, HeadStats, MergeReport, MergeSettings, RefineReport, SpectralStats,
-    SPECTRAL_PATH,
+    CutChoice, HeadLabels, HeadStats, MergeReport, MergeSettings, SpectralStats, SPECTRAL_PATH,
 };
 use sela_sinkhorn::{uniform_marginals, Sinkhorn};
 use sela_spectral::{Graph, MergeOptions, Options, Spectrum};
@@ -305,17 +304,8 @@ impl SpectralLabels {
                     .iter()
                     .map(|&f| refined.groups[f as usize])
                     .collect();
-                let changed = labels.iter().zip(&c.labels).filter(|(a, b)| a != b).count();
-                let report = RefineReport {
-                    moves: refined.moves,
-                    changed: changed as f64 / labels.len().max(1) as f64,
-                    agreement_before: cut_agreements[kept],
-                    agreement_after: self.agreement_with_predictions(&labels),
-                    modularity_before: cut_modularities[kept],
-                    modularity_after: self.graph.modularity(&labels, k),
-                };
                 let confidence = sela_spectral::neighbour_share(&self.graph, &labels);
-                (labels, confidence, Some(report))
+                (labels, confidence, Some(refined.report))
             }
         };
         let (labels, confidence, steps) = if merge.smoothing_steps > 0 {
