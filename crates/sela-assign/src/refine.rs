@@ -286,9 +286,6 @@ impl State {
 
     /// Mean NMI with the heads' clusterings + `weight` × modularity.
     fn score(&self, weight: f64) -> f64 {
-        if weight == 0.0 {
-            return self.agreement();
-        }
         self.agreement() + weight * self.modularity()
     }
 }

@@ -286,8 +286,9 @@ impl SpectralLabels {
         };
         let agreement = agreement(&partitions, kept);
         let c = cuts.into_iter().nth(kept).expect("the kept cut exists");
+        // The kept cut's own confidence holds only while its labels stand as they are.
         let (merged, merged_confidence, refinement) = match merge.refine {
-            None => (c.labels, c.confidence, None),
+            None => (c.labels, Some(c.confidence), None),
             Some(weight) => {
                 let cap = merge.size_cap * self.graph.nodes() as f64 / k as f64;
                 let refined = refine(
@@ -304,22 +305,24 @@ impl SpectralLabels {
                     .iter()
                     .map(|&f| refined.groups[f as usize])
                     .collect();
-                let confidence = sela_spectral::neighbour_share(&self.graph, &labels);
-                (labels, confidence, Some(refined.report))
+                (labels, None, Some(refined.report))
             }
         };
-        let (labels, confidence, steps) = if merge.smoothing_steps > 0 {
-            propagate(
+        let (labels, confidence, steps, changed) = if merge.smoothing_steps > 0 {
+            let (labels, confidence, steps) = propagate(
                 &self.graph,
                 merged.clone(),
                 k,
                 merge.smoothing_steps,
                 merge.smoothing_lambda,
-            )?
+            )?;
+            let changed = labels.iter().zip(&merged).filter(|(a, b)| a != b).count();
+            (labels, confidence, steps, changed)
         } else {
-            (merged.clone(), merged_confidence, 0)
+            let confidence = merged_confidence
+                .unwrap_or_else(|| sela_spectral::neighbour_share(&self.graph, &merged));
+            (merged, confidence, 0, 0)
         };
-        let changed = labels.iter().zip(&merged).filter(|(a, b)| a != b).count();
         Ok(Made {
             iterations: c.fragments.iterations,
             converged: c.fragments.converged,
