@@ -160,6 +160,11 @@ pub struct Args {
     /// modularity [config assign.spectral_refine, default none].
     #[arg(long, value_name = "WEIGHT")]
     pub spectral_refine: Option<f64>,
+    /// With --spectral-refine: more fragment counts (comma-separated) to cut, merge and refine
+    /// beside --spectral-fragments, keeping the refined partition of highest modularity
+    /// [config assign.spectral_extra_fragments, default none].
+    #[arg(long, value_name = "COUNTS", value_delimiter = ',')]
+    pub spectral_extra_fragments: Option<Vec<usize>>,
     /// Round to exactly balanced hard labels (sizes ⌊N/K⌋ or ⌈N/K⌉), by confidence
     /// [or config assign.exact_balance].
     #[arg(long)]
@@ -372,6 +377,10 @@ impl Settings {
                 .or(d.spectral_smoothing_lambda)
                 .unwrap_or(sela_config::DEFAULT_SPECTRAL_SMOOTHING_LAMBDA),
             refine: args.spectral_refine.or(d.spectral_refine),
+            extra_fragments: args
+                .spectral_extra_fragments
+                .clone()
+                .unwrap_or_else(|| d.spectral_extra_fragments.clone()),
         });
         if let Some(m) = &spectral_merge {
             if !(m.size_cap.is_finite() && m.size_cap >= 1.0) {
@@ -382,6 +391,12 @@ impl Settings {
             }
             if let Some(w) = m.refine.filter(|w| !(w.is_finite() && *w >= 0.0)) {
                 bail!("--spectral-refine must be a finite number ≥ 0, got {w}");
+            }
+            if !m.extra_fragments.is_empty() && m.refine.is_none() {
+                bail!(
+                    "--spectral-extra-fragments needs --spectral-refine: the refined partitions \
+                     are what is compared"
+                );
             }
             if !(m.smoothing_lambda.is_finite() && m.smoothing_lambda > 0.0) {
                 bail!(

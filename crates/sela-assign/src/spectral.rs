@@ -4,7 +4,9 @@
 //!
 //! With [`MergeSettings`] (`assign.spectral_fragments`) the K groups are merged from fragments
 //! of the embedding ([`sela_spectral::cluster_merged`]), optionally refined towards the heads'
-//! own clusterings ([`crate::refine`], `assign.spectral_refine`), then optionally smoothed by
+//! own clusterings ([`crate::refine`], `assign.spectral_refine`; with
+//! `assign.spectral_extra_fragments` at several fragment counts, the refined partition of highest
+//! modularity kept), then optionally smoothed by
 //! balanced label propagation: each step re-labels every image by a transport problem (the label
 //! step's Sinkhorn solver, uniform marginals) on its graph neighbours' labels.
 
@@ -14,7 +16,8 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail};
 use sela_io::labels::{
-    CutChoice, HeadLabels, HeadStats, MergeReport, MergeSettings, SpectralStats, SPECTRAL_PATH,
+    CutChoice, HeadLabels, HeadStats, MergeReport, MergeSettings, RefineReport, SpectralStats,
+    SPECTRAL_PATH,
 };
 use sela_sinkhorn::{uniform_marginals, Sinkhorn};
 use sela_spectral::{Graph, MergeOptions, Options, Spectrum};
@@ -37,6 +40,23 @@ struct Made {
     iterations: usize,
     converged: bool,
     merge: Option<MergeReport>,
+}
+
+/// The kept merged partition of one fragment count, before any propagation.
+#[derive(Debug)]
+struct Merged {
+    labels: Vec<u32>,
+    /// The kept cut's own confidence (absent once refined: it holds only for the cut's labels).
+    confidence: Option<Vec<f32>>,
+    refinement: Option<RefineReport>,
+    kept: usize,
+    modularity: f64,
+    cut_modularities: Vec<f64>,
+    cut_agreements: Vec<f64>,
+    agreement: f64,
+    final_cap: f64,
+    iterations: usize,
+    converged: bool,
 }
 
 /// The embedding graph's leading eigenvectors, ready to cluster for any K up to their count.
@@ -88,12 +108,17 @@ impl SpectralLabels {
                 graph.nodes()
             );
         }
-        if let Some(m) = merge.as_ref().filter(|m| m.fragments > graph.nodes()) {
+        let most_fragments = merge.as_ref().map_or(0, |m| {
+            m.extra_fragments
+                .iter()
+                .copied()
+                .fold(m.fragments, usize::max)
+        });
+        if most_fragments > graph.nodes() {
             bail!(
-                "{}: {} rows cannot be cut into {} fragments",
+                "{}: {} rows cannot be cut into {most_fragments} fragments",
                 features.display(),
                 graph.nodes(),
-                m.fragments
             );
         }
         let options = Options {
@@ -251,8 +276,80 @@ impl SpectralLabels {
                 merge: None,
             });
         };
+        let counts: Vec<usize> = std::iter::once(merge.fragments)
+            .chain(merge.extra_fragments.iter().copied())
+            .collect();
+        let mut candidates = counts
+            .iter()
+            .map(|&fragments| self.merged(k, merge, fragments))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // Several fragment counts: the refined partition of highest modularity is kept.
+        let chosen = if candidates.len() > 1 {
+            let modularities: Vec<f64> = candidates
+                .iter()
+                .map(|c| {
+                    c.refinement
+                        .as_ref()
+                        .map_or(c.modularity, |r| r.modularity_after)
+                })
+                .collect();
+            first_highest(&modularities)
+        } else {
+            0
+        };
+        let kept_fragments = (candidates.len() > 1).then_some(counts[chosen]);
+        let Merged {
+            labels: merged,
+            confidence: merged_confidence,
+            refinement,
+            kept,
+            modularity,
+            cut_modularities,
+            cut_agreements,
+            agreement,
+            final_cap,
+            iterations,
+            converged,
+        } = candidates.swap_remove(chosen);
+        let (labels, confidence, steps, changed) = if merge.smoothing_steps > 0 {
+            let (labels, confidence, steps) = propagate(
+                &self.graph,
+                merged.clone(),
+                k,
+                merge.smoothing_steps,
+                merge.smoothing_lambda,
+            )?;
+            let changed = labels.iter().zip(&merged).filter(|(a, b)| a != b).count();
+            (labels, confidence, steps, changed)
+        } else {
+            let confidence = merged_confidence
+                .unwrap_or_else(|| sela_spectral::neighbour_share(&self.graph, &merged));
+            (merged, confidence, 0, 0)
+        };
+        Ok(Made {
+            iterations,
+            converged,
+            merge: Some(MergeReport {
+                kept_cut: kept,
+                kept_fragments,
+                modularity,
+                cut_modularities,
+                cut_agreements,
+                agreement,
+                final_cap,
+                smoothing_steps: steps,
+                smoothing_changed: changed as f64 / labels.len().max(1) as f64,
+                refinement,
+            }),
+            labels,
+            confidence,
+        })
+    }
+
+    /// The kept merged partition of one fragment count, refined when the settings ask.
+    fn merged(&self, k: usize, merge: &MergeSettings, fragments: usize) -> anyhow::Result<Merged> {
         let options = MergeOptions {
-            fragments: merge.fragments,
+            fragments,
             eigenvectors: merge.eigenvectors,
             size_cap: merge.size_cap,
         };
@@ -308,37 +405,18 @@ impl SpectralLabels {
                 (labels, None, Some(refined.report))
             }
         };
-        let (labels, confidence, steps, changed) = if merge.smoothing_steps > 0 {
-            let (labels, confidence, steps) = propagate(
-                &self.graph,
-                merged.clone(),
-                k,
-                merge.smoothing_steps,
-                merge.smoothing_lambda,
-            )?;
-            let changed = labels.iter().zip(&merged).filter(|(a, b)| a != b).count();
-            (labels, confidence, steps, changed)
-        } else {
-            let confidence = merged_confidence
-                .unwrap_or_else(|| sela_spectral::neighbour_share(&self.graph, &merged));
-            (merged, confidence, 0, 0)
-        };
-        Ok(Made {
+        Ok(Merged {
+            labels: merged,
+            confidence: merged_confidence,
+            refinement,
+            kept,
+            modularity: cut_modularities[kept],
+            cut_modularities,
+            cut_agreements,
+            agreement,
+            final_cap: c.merge.final_cap,
             iterations: c.fragments.iterations,
             converged: c.fragments.converged,
-            merge: Some(MergeReport {
-                kept_cut: kept,
-                modularity: cut_modularities[kept],
-                cut_modularities,
-                cut_agreements,
-                agreement,
-                final_cap: c.merge.final_cap,
-                smoothing_steps: steps,
-                smoothing_changed: changed as f64 / labels.len().max(1) as f64,
-                refinement,
-            }),
-            labels,
-            confidence,
         })
     }
 }

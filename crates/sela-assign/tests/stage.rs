@@ -582,6 +582,48 @@ fn merged_spectral_labels_rejoin_the_fragments_of_each_group() {
         );
         assert_eq!(r.moves == 0, r.changed == 0.0, "{r:?}");
     }
+    // Several fragment counts: each is refined, and the most modular refined partition is kept.
+    let mut refined_modularity = Vec::new();
+    for fragments in ["9", "12"] {
+        let alone = [
+            &base[..],
+            &merged[2..],
+            &["--spectral-refine", "3", "--spectral-fragments", fragments],
+        ]
+        .concat();
+        run(&args(&alone)).unwrap();
+        let report = read_stats(&stats_path).heads[0].merge.clone().unwrap();
+        assert_eq!(report.kept_fragments, None);
+        refined_modularity.push(report.refinement.unwrap().modularity_after);
+    }
+    let both = [
+        &base[..],
+        &merged,
+        &["--spectral-refine", "3", "--spectral-extra-fragments", "12"],
+    ]
+    .concat();
+    run(&args(&both)).unwrap();
+    assert!(pure(&labels::read(&out).unwrap().heads[&0].labels, 3));
+    let stats = read_stats(&stats_path);
+    assert_eq!(stats.spectral.unwrap().merge.unwrap().extra_fragments, [12]);
+    let report = stats.heads[0].merge.clone().unwrap();
+    let kept = report.kept_fragments.expect("two counts were tried");
+    let best = if refined_modularity[1] > refined_modularity[0] {
+        12
+    } else {
+        9
+    };
+    assert_eq!(kept, best, "{refined_modularity:?}");
+    assert_eq!(
+        report.refinement.unwrap().modularity_after,
+        refined_modularity[usize::from(kept == 12)]
+    );
+    let unrefined = [&base[..], &merged, &["--spectral-extra-fragments", "12"]].concat();
+    let err = run(&args(&unrefined)).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("needs --spectral-refine"),
+        "{err:#}"
+    );
     // One cut leaves nothing to choose, whichever the choice.
     let one_cut = [
         &base[..],

@@ -241,6 +241,11 @@ pub struct AssignSection {
     /// past the size cap; unset (left out of the config hash): no refinement.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spectral_refine: Option<f64>,
+    /// With `spectral_refine`: more fragment counts to try beside `spectral_fragments`, each
+    /// cut, merged and refined the same way, keeping the refined partition of highest
+    /// modularity on the graph; empty (left out of the config hash): `spectral_fragments` alone.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub spectral_extra_fragments: Vec<usize>,
 }
 
 /// [`AssignSection::spectral_size_cap`] when unset.
@@ -278,6 +283,7 @@ impl Default for AssignSection {
             spectral_smoothing: 0,
             spectral_smoothing_lambda: None,
             spectral_refine: None,
+            spectral_extra_fragments: Vec::new(),
         }
     }
 }
@@ -559,6 +565,21 @@ impl PipelineConfig {
                     a.spectral_fragments
                 ));
             }
+            if let Some(&f) = a.spectral_extra_fragments.iter().find(|&&f| f <= largest) {
+                return Err(format!(
+                    "assign.spectral_extra_fragments holds {f}, which must exceed the largest \
+                     spectral head's K ({largest})"
+                ));
+            }
+        }
+        if !a.spectral_extra_fragments.is_empty()
+            && (a.spectral_fragments == 0 || a.spectral_refine.is_none())
+        {
+            return Err(
+                "assign.spectral_extra_fragments needs assign.spectral_fragments and \
+                 assign.spectral_refine: the refined partitions are what is compared"
+                    .to_string(),
+            );
         }
         if let Some(cap) = a
             .spectral_size_cap
@@ -1004,6 +1025,7 @@ heads = [10]
                 "assign.spectral_cuts=0".into(),
                 "assign.spectral_keep=\"modularity\"".into(),
                 "assign.spectral_smoothing=0".into(),
+                "assign.spectral_extra_fragments=[]".into(),
             ],
         )
         .unwrap();
@@ -1064,6 +1086,33 @@ heads = [10]
         assert!(
             negative.contains("assign.spectral_refine = -1"),
             "{negative}"
+        );
+        let fragments = format!("assign.spectral_fragments={}", 5 * k);
+        let refined = |extra: &str| {
+            PipelineConfig::load_with(
+                &path,
+                &[
+                    fragments.clone(),
+                    "assign.spectral_refine=3.0".into(),
+                    format!("assign.spectral_extra_fragments={extra}"),
+                ],
+            )
+        };
+        let empty = refined("[]").unwrap();
+        let extra = refined(&format!("[{}]", 7 * k)).unwrap();
+        assert_eq!(extra.assign.spectral_extra_fragments, [7 * k]);
+        assert_ne!(empty.hash(), extra.hash());
+        let small = refined(&format!("[{k}]")).unwrap_err().to_string();
+        assert!(small.contains("must exceed the largest"), "{small}");
+        let unrefined = PipelineConfig::load_with(
+            &path,
+            &[fragments, "assign.spectral_extra_fragments=[100]".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            unrefined.contains("needs assign.spectral_fragments and"),
+            "{unrefined}"
         );
     }
 

@@ -134,6 +134,10 @@ pub struct MergeSettings {
     /// the heads' own clusterings (absent: not refined).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refine: Option<f64>,
+    /// Fragment counts tried beside `fragments`, each cut, merged and refined the same way; the
+    /// refined partition of highest modularity was kept (empty: `fragments` alone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_fragments: Vec<usize>,
 }
 
 /// How one head's merged spectral labels came out.
@@ -142,6 +146,10 @@ pub struct MergeReport {
     /// The cut kept (`0..cuts`): the one whose merged partition scores highest by the
     /// settings' `keep`.
     pub kept_cut: usize,
+    /// With the settings' `extra_fragments`: the fragment count kept (the cut figures here are
+    /// that count's); absent when only one count was tried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_fragments: Option<usize>,
     /// That modularity (0 in statistics written before cuts were chosen by it).
     #[serde(default)]
     pub modularity: f64,
