@@ -16,8 +16,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail};
 use sela_io::labels::{
-    CutChoice, HeadLabels, HeadStats, MergeReport, MergeSettings, RefineReport, SpectralStats,
-    SPECTRAL_PATH,
+    CutChoice, HeadLabels, HeadStats, MergeReport, MergeSettings, SpectralStats, SPECTRAL_PATH,
 };
 use sela_sinkhorn::{uniform_marginals, Sinkhorn};
 use sela_spectral::{Graph, MergeOptions, Options, Spectrum};
@@ -48,13 +47,8 @@ struct Merged {
     labels: Vec<u32>,
     /// The kept cut's own confidence (absent once refined: it holds only for the cut's labels).
     confidence: Option<Vec<f32>>,
-    refinement: Option<RefineReport>,
-    kept: usize,
-    modularity: f64,
-    cut_modularities: Vec<f64>,
-    cut_agreements: Vec<f64>,
-    agreement: f64,
-    final_cap: f64,
+    /// Its report, the propagation's fields still to fill.
+    report: MergeReport,
     iterations: usize,
     converged: bool,
 }
@@ -288,29 +282,24 @@ impl SpectralLabels {
             let modularities: Vec<f64> = candidates
                 .iter()
                 .map(|c| {
-                    c.refinement
+                    let r = &c.report;
+                    r.refinement
                         .as_ref()
-                        .map_or(c.modularity, |r| r.modularity_after)
+                        .map_or(r.modularity, |r| r.modularity_after)
                 })
                 .collect();
             first_highest(&modularities)
         } else {
             0
         };
-        let kept_fragments = (candidates.len() > 1).then_some(counts[chosen]);
         let Merged {
             labels: merged,
             confidence: merged_confidence,
-            refinement,
-            kept,
-            modularity,
-            cut_modularities,
-            cut_agreements,
-            agreement,
-            final_cap,
+            mut report,
             iterations,
             converged,
         } = candidates.swap_remove(chosen);
+        report.kept_fragments = (counts.len() > 1).then_some(counts[chosen]);
         let (labels, confidence, steps, changed) = if merge.smoothing_steps > 0 {
             let (labels, confidence, steps) = propagate(
                 &self.graph,
@@ -326,21 +315,12 @@ impl SpectralLabels {
                 .unwrap_or_else(|| sela_spectral::neighbour_share(&self.graph, &merged));
             (merged, confidence, 0, 0)
         };
+        report.smoothing_steps = steps;
+        report.smoothing_changed = changed as f64 / labels.len().max(1) as f64;
         Ok(Made {
             iterations,
             converged,
-            merge: Some(MergeReport {
-                kept_cut: kept,
-                kept_fragments,
-                modularity,
-                cut_modularities,
-                cut_agreements,
-                agreement,
-                final_cap,
-                smoothing_steps: steps,
-                smoothing_changed: changed as f64 / labels.len().max(1) as f64,
-                refinement,
-            }),
+            merge: Some(report),
             labels,
             confidence,
         })
@@ -408,13 +388,18 @@ impl SpectralLabels {
         Ok(Merged {
             labels: merged,
             confidence: merged_confidence,
-            refinement,
-            kept,
-            modularity: cut_modularities[kept],
-            cut_modularities,
-            cut_agreements,
-            agreement,
-            final_cap: c.merge.final_cap,
+            report: MergeReport {
+                kept_cut: kept,
+                kept_fragments: None,
+                modularity: cut_modularities[kept],
+                cut_modularities,
+                cut_agreements,
+                agreement,
+                final_cap: c.merge.final_cap,
+                smoothing_steps: 0,
+                smoothing_changed: 0.0,
+                refinement,
+            },
             iterations: c.fragments.iterations,
             converged: c.fragments.converged,
         })
