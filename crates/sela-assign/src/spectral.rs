@@ -277,21 +277,17 @@ impl SpectralLabels {
             .iter()
             .map(|&fragments| self.merged(k, merge, fragments))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        // Several fragment counts: the refined partition of highest modularity is kept.
-        let chosen = if candidates.len() > 1 {
-            let modularities: Vec<f64> = candidates
-                .iter()
-                .map(|c| {
-                    let r = &c.report;
-                    r.refinement
-                        .as_ref()
-                        .map_or(r.modularity, |r| r.modularity_after)
-                })
-                .collect();
-            first_highest(&modularities)
-        } else {
-            0
-        };
+        // Of several fragment counts, the refined partition of highest modularity is kept.
+        let modularities: Vec<f64> = candidates
+            .iter()
+            .map(|c| {
+                let r = &c.report;
+                r.refinement
+                    .as_ref()
+                    .map_or(r.modularity, |r| r.modularity_after)
+            })
+            .collect();
+        let chosen = first_highest(&modularities);
         let Merged {
             labels: merged,
             confidence: merged_confidence,
