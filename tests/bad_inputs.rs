@@ -205,6 +205,7 @@ fn write_features(
         layout: FeaturesLayout {
             embedding_dim: dim,
             head_sizes: ks,
+            extra_embeddings: Vec::new(),
         },
         dataset: p(&base.train).to_string(),
         dataset_rows: n as u64,

@@ -79,6 +79,7 @@ fn two_rounds_are_complete_deterministic_and_resumable() {
     let layout = features::FeaturesLayout {
         embedding_dim: 16,
         head_sizes: vec![10, 4],
+        extra_embeddings: Vec::new(),
     };
     for r in 0..=2 {
         let d = round_dir(&run_a, r);

@@ -165,6 +165,12 @@ pub struct Args {
     /// [config assign.spectral_extra_fragments, default none].
     #[arg(long, value_name = "COUNTS", value_delimiter = ',')]
     pub spectral_extra_fragments: Option<Vec<usize>>,
+    /// With --spectral-refine: more readouts of the embedding's stage (grids, comma-separated;
+    /// columns `embedding_grid<G>` of --logits), each with its own graph labelled the same way,
+    /// keeping the labels of highest mean NMI with the heads' clusterings + WEIGHT × mean
+    /// modularity over the graphs [config assign.spectral_extra_grids, default none].
+    #[arg(long, value_name = "GRIDS", value_delimiter = ',')]
+    pub spectral_extra_grids: Option<Vec<usize>>,
     /// Round to exactly balanced hard labels (sizes ⌊N/K⌋ or ⌈N/K⌉), by confidence
     /// [or config assign.exact_balance].
     #[arg(long)]
@@ -381,6 +387,10 @@ impl Settings {
                 .spectral_extra_fragments
                 .clone()
                 .unwrap_or_else(|| d.spectral_extra_fragments.clone()),
+            extra_grids: args
+                .spectral_extra_grids
+                .clone()
+                .unwrap_or_else(|| d.spectral_extra_grids.clone()),
         });
         if let Some(m) = &spectral_merge {
             if !(m.size_cap.is_finite() && m.size_cap >= 1.0) {
@@ -396,6 +406,12 @@ impl Settings {
                 bail!(
                     "--spectral-extra-fragments needs --spectral-refine: the refined partitions \
                      are what is compared"
+                );
+            }
+            if !m.extra_grids.is_empty() && m.refine.is_none() {
+                bail!(
+                    "--spectral-extra-grids needs --spectral-refine: its weight scores the \
+                     graphs' labels"
                 );
             }
             if !(m.smoothing_lambda.is_finite() && m.smoothing_lambda > 0.0) {
@@ -781,7 +797,7 @@ pub fn run(args: &Args) -> anyhow::Result<Summary> {
     let mut stats = empty_stats(&settings);
     let neighbours = if settings.neighbours > 0 {
         let start = Instant::now();
-        let found = Neighbours::search(&args.logits, settings.neighbours)?;
+        let found = Neighbours::search(&args.logits, features::EMBEDDING, settings.neighbours)?;
         stats.neighbours = found.k();
         stats.neighbour_seconds = start.elapsed().as_secs_f64();
         if !quiet {

@@ -24,16 +24,15 @@ pub struct Neighbours {
 }
 
 impl Neighbours {
-    /// Reads the `embedding` column of `features` and finds each row's `k` nearest rows by
-    /// cosine similarity, itself included (exact search; `k` is capped at the row count).
-    pub fn search(features: &Path, k: usize) -> anyhow::Result<Self> {
-        let matrix = features::read_matrix(features, features::EMBEDDING)?;
+    /// Reads the embedding column `column` of `features` and finds each row's `k` nearest rows
+    /// by cosine similarity, itself included (exact search; `k` is capped at the row count).
+    pub fn search(features: &Path, column: &str, k: usize) -> anyhow::Result<Self> {
+        let matrix = features::read_matrix(features, column)?;
         let dim = matrix.cols;
         if dim == 0 {
             bail!(
-                "{}: column `{}` has length 0; neighbours need an embedding",
+                "{}: column `{column}` has length 0; neighbours need an embedding",
                 features.display(),
-                features::EMBEDDING
             );
         }
         let rows = matrix.ids.len();

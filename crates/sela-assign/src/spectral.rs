@@ -8,13 +8,16 @@
 //! `assign.spectral_extra_fragments` at several fragment counts, the refined partition of highest
 //! modularity kept), then optionally smoothed by
 //! balanced label propagation: each step re-labels every image by a transport problem (the label
-//! step's Sinkhorn solver, uniform marginals) on its graph neighbours' labels.
+//! step's Sinkhorn solver, uniform marginals) on its graph neighbours' labels. With
+//! `assign.spectral_extra_grids`, more readouts of the embedding's stage get their own graphs,
+//! labelled the same way, and one graph's labels are kept by a score every graph shares.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail};
+use sela_io::features;
 use sela_io::labels::{
     CutChoice, HeadLabels, HeadStats, MergeReport, MergeSettings, SpectralStats, SPECTRAL_PATH,
 };
@@ -56,6 +59,8 @@ struct Merged {
 /// The embedding graph's leading eigenvectors, ready to cluster for any K up to their count.
 #[derive(Debug, Clone)]
 pub struct SpectralLabels {
+    /// The embedding column the graph joins rows on.
+    column: String,
     ids: Vec<u64>,
     graph: Graph,
     spectrum: Spectrum,
@@ -67,12 +72,16 @@ pub struct SpectralLabels {
     /// The network's own clusterings of the rows (each head's argmax), which the cuts are
     /// compared with.
     predictions: Vec<Vec<u32>>,
+    /// The graphs of the merge's `extra_grids`, labelled the same way; the labels of every graph
+    /// are compared and one graph's kept.
+    others: Vec<SpectralLabels>,
 }
 
 impl SpectralLabels {
     /// Joins every row of `features` to its `neighbours` nearest rows in the embedding and
     /// computes the graph's `max_k` leading eigenvectors (or `merge`'s count, if more; 0
-    /// eigenvectors in `merge` means `max_k`, 0 cuts one cut).
+    /// eigenvectors in `merge` means `max_k`, 0 cuts one cut); the same for each of `merge`'s
+    /// `extra_grids`, on its own column.
     pub fn compute(
         features: &Path,
         neighbours: usize,
@@ -86,12 +95,48 @@ impl SpectralLabels {
             }
             m.cuts = m.cuts.max(1);
         }
+        let extra_grids = merge.as_ref().map_or(Vec::new(), |m| m.extra_grids.clone());
+        let mut found = Self::on_column(
+            features,
+            features::EMBEDDING,
+            neighbours,
+            max_k,
+            merge.clone(),
+            seed,
+        )?;
+        for grid in extra_grids {
+            let column = features::grid_embedding_column(grid);
+            let other = Self::on_column(features, &column, neighbours, max_k, merge.clone(), seed)?;
+            same_rows(
+                &other.ids,
+                &found.ids,
+                &format!("{}: column `{column}`", features.display()),
+            )?;
+            found.stats.extra_graphs.push(SpectralStats {
+                merge: None,
+                column: Some(column),
+                ..other.stats.clone()
+            });
+            found.others.push(other);
+        }
+        Ok(found)
+    }
+
+    /// The graph of one embedding column and its leading eigenvectors.
+    fn on_column(
+        features: &Path,
+        column: &str,
+        neighbours: usize,
+        max_k: usize,
+        merge: Option<MergeSettings>,
+        seed: u64,
+    ) -> anyhow::Result<Self> {
         let count = merge.as_ref().map_or(max_k, |m| m.eigenvectors.max(max_k));
         let start = Instant::now();
-        let found = Neighbours::search(features, neighbours)?;
+        let found = Neighbours::search(features, column, neighbours)?;
         let graph = Graph::from_neighbour_lists(found.lists(), found.k()).map_err(|e| {
             anyhow!(
-                "{}: the embedding's neighbour graph: {e}",
+                "{}: column `{column}`'s neighbour graph: {e}",
                 features.display()
             )
         })?;
@@ -123,7 +168,7 @@ impl SpectralLabels {
             sela_spectral::leading_eigenpairs(&graph, count, options.tol, options.max_steps, seed)
                 .map_err(|e| {
                     anyhow!(
-                        "{}: the embedding's neighbour graph: {e}",
+                        "{}: column `{column}`'s neighbour graph: {e}",
                         features.display()
                     )
                 })?;
@@ -135,8 +180,11 @@ impl SpectralLabels {
             lanczos_steps: spectrum.steps,
             seconds: start.elapsed().as_secs_f64(),
             merge: merge.clone(),
+            column: None,
+            extra_graphs: Vec::new(),
         };
         Ok(SpectralLabels {
+            column: column.to_string(),
             ids: found.ids().to_vec(),
             graph,
             spectrum,
@@ -145,6 +193,7 @@ impl SpectralLabels {
             stats,
             clusterings: BTreeMap::new(),
             predictions: Vec::new(),
+            others: Vec::new(),
         })
     }
 
@@ -166,8 +215,11 @@ impl SpectralLabels {
                 ids.len()
             );
         }
-        self.predictions
-            .push(logits.chunks(k).map(|row| argmax(row) as u32).collect());
+        let prediction: Vec<u32> = logits.chunks(k).map(|row| argmax(row) as u32).collect();
+        for other in &mut self.others {
+            other.predictions.push(prediction.clone());
+        }
+        self.predictions.push(prediction);
         Ok(())
     }
 
@@ -258,8 +310,47 @@ impl SpectralLabels {
         total / self.predictions.len() as f64
     }
 
-    /// The K-way labels: K-way k-means, or merged fragments then propagation.
+    /// The K-way labels: this graph's, or with more graphs the labels of whichever graph scores
+    /// highest by their mean NMI with the heads' clusterings + the refinement weight × their
+    /// mean modularity over every graph. Unlike modularity on one graph, that score means the
+    /// same for every graph's labels.
     fn make(&self, k: usize) -> anyhow::Result<Made> {
+        let own = self.make_on_graph(k)?;
+        if self.others.is_empty() {
+            return Ok(own);
+        }
+        let mut candidates = vec![own];
+        for other in &self.others {
+            candidates.push(other.make_on_graph(k)?);
+        }
+        let weight = self.merge.as_ref().and_then(|m| m.refine).unwrap_or(0.0);
+        let graphs: Vec<&Graph> = std::iter::once(&self.graph)
+            .chain(self.others.iter().map(|o| &o.graph))
+            .collect();
+        let scores: Vec<f64> = candidates
+            .iter()
+            .map(|c| {
+                let modularity: f64 = graphs.iter().map(|g| g.modularity(&c.labels, k)).sum();
+                self.agreement_with_predictions(&c.labels)
+                    + weight * modularity / graphs.len() as f64
+            })
+            .collect();
+        let chosen = first_highest(&scores);
+        let column = if chosen == 0 {
+            self.column.clone()
+        } else {
+            self.others[chosen - 1].column.clone()
+        };
+        let mut made = candidates.swap_remove(chosen);
+        if let Some(report) = made.merge.as_mut() {
+            report.kept_embedding = Some(column);
+            report.embedding_scores = scores;
+        }
+        Ok(made)
+    }
+
+    /// This graph's K-way labels: K-way k-means, or merged fragments then propagation.
+    fn make_on_graph(&self, k: usize) -> anyhow::Result<Made> {
         let Some(merge) = &self.merge else {
             let c = sela_spectral::cluster(&self.spectrum, k, &self.options)?;
             return Ok(Made {
@@ -395,6 +486,8 @@ impl SpectralLabels {
                 smoothing_steps: 0,
                 smoothing_changed: 0.0,
                 refinement,
+                kept_embedding: None,
+                embedding_scores: Vec::new(),
             },
             iterations: c.fragments.iterations,
             converged: c.fragments.converged,

@@ -40,6 +40,7 @@ fn features(dir: &Path, n: u64, parts: usize, heads: &[usize], nan: Option<(usiz
         layout: sela_io::features::FeaturesLayout {
             embedding_dim: 2,
             head_sizes: heads.to_vec(),
+            extra_embeddings: Vec::new(),
         },
         dataset: "data.parquet".into(),
         dataset_rows: n,

@@ -8,7 +8,9 @@ use arrow::array::{RecordBatch, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use clap::Parser;
 use sela_assign::{run, Args};
-use sela_io::features::{vector_array, FeaturesInfo, FeaturesLayout, FeaturesWriter};
+use sela_io::features::{
+    vector_array, FeaturesInfo, FeaturesLayout, FeaturesWriter, GridEmbedding,
+};
 use sela_io::labels::{self, AssignStats, CutChoice, HeadLabels};
 use sela_io::parts::Shard;
 use sela_io::table::TableWriter;
@@ -48,11 +50,26 @@ fn features(path: &Path, n: usize, heads: &[usize], poison: Option<(usize, usize
 
 /// A one-part features file of `embedding` (n×dim) and one logits matrix per head; ids 1000….
 fn write_features(path: &Path, emb: &[f32], dim: usize, heads: &[usize], per_head: &[Vec<f32>]) {
+    write_features_with_grids(path, (emb, dim), &[], heads, per_head);
+}
+
+/// [`write_features`] with extra embeddings `(grid, n×D values, D)` beside `embedding`.
+fn write_features_with_grids(
+    path: &Path,
+    (emb, dim): (&[f32], usize),
+    grids: &[(usize, &[f32], usize)],
+    heads: &[usize],
+    per_head: &[Vec<f32>],
+) {
     let n = emb.len() / dim;
     let info = FeaturesInfo {
         layout: FeaturesLayout {
             embedding_dim: dim,
             head_sizes: heads.to_vec(),
+            extra_embeddings: grids
+                .iter()
+                .map(|&(grid, _, dim)| GridEmbedding { grid, dim })
+                .collect(),
         },
         dataset: "data.parquet".into(),
         dataset_rows: n as u64,
@@ -67,7 +84,8 @@ fn write_features(path: &Path, emb: &[f32], dim: usize, heads: &[usize], per_hea
     .unwrap();
     let ids: Vec<u64> = (0..n as u64).map(|i| 1000 + i).collect();
     let refs: Vec<&[f32]> = per_head.iter().map(|v| v.as_slice()).collect();
-    w.push(&ids, emb, &refs).unwrap();
+    let extra: Vec<&[f32]> = grids.iter().map(|&(_, values, _)| values).collect();
+    w.push_with_extra(&ids, emb, &extra, &refs).unwrap();
     w.finish().unwrap();
 }
 
@@ -469,6 +487,19 @@ fn spectral_clusters_take_the_numbers_each_head_predicts() {
     }
 }
 
+/// Merge flags of the merged-spectral tests: 9 fragments cut 3 times from 6 eigenvectors,
+/// then 5 propagation steps.
+const MERGED: [&str; 8] = [
+    "--spectral-fragments",
+    "9",
+    "--spectral-eigenvectors",
+    "6",
+    "--spectral-smoothing",
+    "5",
+    "--spectral-cuts",
+    "3",
+];
+
 #[test]
 fn merged_spectral_labels_rejoin_the_fragments_of_each_group() {
     // The three groups of `write_three_groups`, cut into 9 fragments from 6
@@ -487,16 +518,7 @@ fn merged_spectral_labels_rejoin_the_fragments_of_each_group() {
         "--spectral",
         "10",
     ];
-    let merged = [
-        "--spectral-fragments",
-        "9",
-        "--spectral-eigenvectors",
-        "6",
-        "--spectral-smoothing",
-        "5",
-        "--spectral-cuts",
-        "3",
-    ];
+    let merged = MERGED;
     run(&args(&[&base[..], &merged].concat())).unwrap();
     let read = labels::read(&out).unwrap();
     assert!(pure(&read.heads[&0].labels, 3));
@@ -662,6 +684,99 @@ fn merged_spectral_labels_rejoin_the_fragments_of_each_group() {
     .unwrap_err();
     assert!(format!("{err:#}").contains("finite number ≥ 0"), "{err:#}");
     assert_eq!(std::fs::read(&out).unwrap(), before);
+}
+
+#[test]
+fn of_several_readouts_the_graph_whose_labels_score_highest_is_kept() {
+    // One readout holds the three groups, the other noise; the heads predict the groups. Each
+    // graph is labelled as it would be alone, and the group readout's labels are kept, whichever
+    // column holds it.
+    let dir = tempfile::tempdir().unwrap();
+    let n = 300;
+    let (groups, noisy): (Vec<f32>, Vec<f32>) = (
+        three_group_embedding(n),
+        (0..n * 3).map(|j| noise(j, 3, 11)).collect(),
+    );
+    let heads = [3, 6];
+    let per_head: Vec<Vec<f32>> = heads
+        .iter()
+        .map(|&k| {
+            (0..n)
+                .flat_map(|i| {
+                    let c = if k == 3 {
+                        group(i)
+                    } else {
+                        group(i) + 3 * (i % 2)
+                    };
+                    (0..k).map(move |j| noise(i, j, 5) + if j == c { 2.0 } else { 0.0 })
+                })
+                .collect()
+        })
+        .collect();
+    let out = dir.path().join("labels.parquet");
+    let stats_path = dir.path().join("assign-stats.json");
+    let label = |file: &Path, extra: &[&str]| {
+        let inputs = ["--logits", p(file), "--output", p(&out), "-q"];
+        let refined = ["--spectral", "10", "--spectral-refine", "3"];
+        let list = [&inputs[..], &refined, &MERGED, extra].concat();
+        run(&args(&list)).map(|_| labels::read(&out).unwrap().heads)
+    };
+    for (main, grid2, kept) in [
+        (&noisy, &groups, "embedding_grid2"),
+        (&groups, &noisy, "embedding"),
+    ] {
+        let both = dir.path().join(format!("both-{kept}.parquet"));
+        write_features_with_grids(&both, (main, 3), &[(2, grid2, 3)], &heads, &per_head);
+        let alone = dir.path().join(format!("alone-{kept}.parquet"));
+        write_features(&alone, &groups, 3, &heads, &per_head);
+        let expected = label(&alone, &[]).unwrap();
+        let read = label(&both, &["--spectral-extra-grids", "2"]).unwrap();
+        assert_eq!(read, expected, "{kept}");
+        assert!(pure(&read[&0].labels, 3) && pure(&read[&1].labels, 6));
+        let stats = read_stats(&stats_path);
+        let graph = stats.spectral.unwrap();
+        assert_eq!(graph.merge.unwrap().extra_grids, [2]);
+        assert_eq!(graph.extra_graphs.len(), 1);
+        assert_eq!(
+            graph.extra_graphs[0].column.as_deref(),
+            Some("embedding_grid2")
+        );
+        for h in &stats.heads {
+            let report = h.merge.as_ref().unwrap();
+            assert_eq!(
+                report.kept_embedding.as_deref(),
+                Some(kept),
+                "head {}",
+                h.head
+            );
+            let s = &report.embedding_scores;
+            let best = usize::from(kept != "embedding");
+            assert!(s.len() == 2 && s[best] > s[1 - best], "{s:?}");
+        }
+    }
+    // A grid the features do not hold is named, and nothing is written.
+    std::fs::remove_file(&out).unwrap();
+    let both = dir.path().join("both-embedding.parquet");
+    let err = label(&both, &["--spectral-extra-grids", "2,5"]).unwrap_err();
+    assert!(format!("{err:#}").contains("embedding_grid5"), "{err:#}");
+    assert!(!out.exists());
+    let unrefined = args(&[
+        "--logits",
+        p(&both),
+        "--output",
+        p(&out),
+        "--spectral",
+        "10",
+        "--spectral-fragments",
+        "9",
+        "--spectral-extra-grids",
+        "2",
+    ]);
+    let err = run(&unrefined).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("--spectral-extra-grids needs --spectral-refine"),
+        "{err:#}"
+    );
 }
 
 #[test]

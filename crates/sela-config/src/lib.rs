@@ -246,12 +246,37 @@ pub struct AssignSection {
     /// modularity on the graph; empty (left out of the config hash): `spectral_fragments` alone.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub spectral_extra_fragments: Vec<usize>,
+    /// With `spectral_refine`: more readouts of the embedding's stage, on these grids (G × G
+    /// cells each), whose own graphs are cut, merged, refined and smoothed the same way; of every
+    /// graph's labels, those of highest mean NMI with the heads' own clusterings plus
+    /// `spectral_refine` × their mean modularity over all the graphs are kept. Extraction writes
+    /// them (column `embedding_grid<G>`) for the rounds whose features a spectral round reads.
+    /// Empty (left out of the config hash): the `embedding` column's graph alone.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub spectral_extra_grids: Vec<usize>,
 }
 
 /// [`AssignSection::spectral_size_cap`] when unset.
 pub const DEFAULT_SPECTRAL_SIZE_CAP: f64 = 1.2;
 /// [`AssignSection::spectral_smoothing_lambda`] when unset.
 pub const DEFAULT_SPECTRAL_SMOOTHING_LAMBDA: f64 = 10.0;
+
+impl AssignSection {
+    /// The extra readout grids extraction writes in `round`: `spectral_extra_grids` when the
+    /// next round's labels are spectral (its label step reads this round's features), none
+    /// otherwise.
+    pub fn extra_grids_extracted_at(&self, round: u32) -> &[usize] {
+        let next_is_spectral = self.spectral > 0
+            && self
+                .spectral_from_round
+                .is_none_or(|from| round + 1 >= from);
+        if next_is_spectral {
+            &self.spectral_extra_grids
+        } else {
+            &[]
+        }
+    }
+}
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
@@ -284,6 +309,7 @@ impl Default for AssignSection {
             spectral_smoothing_lambda: None,
             spectral_refine: None,
             spectral_extra_fragments: Vec::new(),
+            spectral_extra_grids: Vec::new(),
         }
     }
 }
@@ -580,6 +606,31 @@ impl PipelineConfig {
                  assign.spectral_refine: the refined partitions are what is compared"
                     .to_string(),
             );
+        }
+        if !a.spectral_extra_grids.is_empty()
+            && (a.spectral_fragments == 0 || a.spectral_refine.is_none())
+        {
+            return Err(
+                "assign.spectral_extra_grids needs assign.spectral_fragments and \
+                 assign.spectral_refine: the graphs' refined labels are what is compared"
+                    .to_string(),
+            );
+        }
+        for (i, &g) in a.spectral_extra_grids.iter().enumerate() {
+            if g == m.embedding_grid || a.spectral_extra_grids[..i].contains(&g) {
+                return Err(format!(
+                    "assign.spectral_extra_grids holds grid {g} twice (with model.embedding_grid \
+                     = {}): each readout makes one graph",
+                    m.embedding_grid
+                ));
+            }
+            if g == 0 {
+                return Err(
+                    "assign.spectral_extra_grids holds 0: a grid has at least 1 cell \
+                            a side"
+                        .to_string(),
+                );
+            }
         }
         if let Some(cap) = a
             .spectral_size_cap
@@ -1112,6 +1163,63 @@ heads = [10]
         .to_string();
         assert!(
             unrefined.contains("needs assign.spectral_fragments and"),
+            "{unrefined}"
+        );
+    }
+
+    #[test]
+    fn extra_grids_need_refinement_differ_from_the_embedding_and_are_extracted_before_spectral_rounds(
+    ) {
+        let (_d, path) = write(MINIMAL);
+        let plain = PipelineConfig::load(&path).unwrap();
+        let k = plain.model.heads.iter().copied().max().unwrap();
+        let grid = plain.model.embedding_grid;
+        let with = |extra: &[String]| {
+            let mut o = vec![
+                "assign.spectral=10".to_string(),
+                "assign.spectral_from_round=3".into(),
+                format!("assign.spectral_fragments={}", 5 * k),
+                "assign.spectral_refine=3.0".into(),
+            ];
+            o.extend_from_slice(extra);
+            PipelineConfig::load_with(&path, &o)
+        };
+        let on = with(&[format!("assign.spectral_extra_grids=[{}]", grid + 1)]).unwrap();
+        assert_eq!(on.assign.spectral_extra_grids, [grid + 1]);
+        assert_ne!(with(&[]).unwrap().hash(), on.hash());
+        // Round 2's features feed round 3's spectral label step; round 1's feed a solved one.
+        let a = &on.assign;
+        assert_eq!(
+            (
+                a.extra_grids_extracted_at(1),
+                a.extra_grids_extracted_at(2),
+                a.extra_grids_extracted_at(5)
+            ),
+            (&[][..], &[grid + 1][..], &[grid + 1][..])
+        );
+        assert!(plain.assign.extra_grids_extracted_at(5).is_empty());
+        for (bad, expected) in [
+            (format!("[{grid}]"), "holds grid"),
+            (format!("[{0}, {0}]", grid + 1), "holds grid"),
+            ("[0]".to_string(), "holds 0"),
+        ] {
+            let err = with(&[format!("assign.spectral_extra_grids={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{bad}: {err}");
+        }
+        let unrefined = PipelineConfig::load_with(
+            &path,
+            &[
+                "assign.spectral=10".into(),
+                format!("assign.spectral_fragments={}", 5 * k),
+                format!("assign.spectral_extra_grids=[{}]", grid + 1),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            unrefined.contains("assign.spectral_extra_grids needs assign.spectral_fragments"),
             "{unrefined}"
         );
     }

@@ -87,6 +87,7 @@ fn write_features(dir: &Path, n: usize, id: fn(usize) -> u64, parts: usize, head
         layout: FeaturesLayout {
             embedding_dim: DIM,
             head_sizes: heads.to_vec(),
+            extra_embeddings: Vec::new(),
         },
         dataset: "dataset.parquet".into(),
         dataset_rows: n as u64,

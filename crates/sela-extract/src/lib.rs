@@ -19,7 +19,7 @@ use sela_config::PipelineConfig;
 use sela_images::augment::{clean_into, Normalize, Shape};
 use sela_images::imageset::decode_rows;
 use sela_io::dataset::DatasetFile;
-use sela_io::features::{FeaturesInfo, FeaturesLayout, FeaturesWriter};
+use sela_io::features::{FeaturesInfo, FeaturesLayout, FeaturesWriter, GridEmbedding};
 use sela_io::parts::Shard;
 use sela_io::Provenance;
 use sela_nn::checkpoint::{self, TrainState};
@@ -125,8 +125,15 @@ pub fn run(config: &PipelineConfig, opts: &ExtractOptions) -> Result<ExtractSumm
     }
     let spec = ModelSpec::from_config(config, opts.round);
     let readout = Readout::from_config(config, &spec);
+    let extra_grids = config.assign.extra_grids_extracted_at(opts.round);
     let model = match &opts.pretrained {
         Some(p) => {
+            if !extra_grids.is_empty() {
+                bail!(
+                    "assign.spectral_extra_grids reads sela's own network out on more grids; a \
+                     pretrained --backbone has one embedding"
+                );
+            }
             if opts.init {
                 bail!("--init writes sela's initial model; it does not apply to a pretrained --backbone");
             }
@@ -140,12 +147,20 @@ pub fn run(config: &PipelineConfig, opts: &ExtractOptions) -> Result<ExtractSumm
         }
         None => {
             readout.validate(&spec)?;
+            let extra: Vec<Readout> = extra_grids
+                .iter()
+                .map(|&grid| Readout { grid, ..readout })
+                .collect();
+            for r in &extra {
+                r.validate(&spec)
+                    .context("assign.spectral_extra_grids: a readout extraction writes")?;
+            }
             let network = if opts.init {
                 write_initial_model(config, &opts.checkpoint)?
             } else {
                 checkpoint::load(&opts.checkpoint, &spec)?.network
             };
-            Model::Sela(Box::new(network), readout)
+            Model::Sela(Box::new(network), readout, extra)
         }
     };
     let mut summary = ExtractSummary {
@@ -175,8 +190,9 @@ pub fn run(config: &PipelineConfig, opts: &ExtractOptions) -> Result<ExtractSumm
 
 /// The model an extraction runs.
 enum Model {
-    /// sela's network, and which of its activations is written as the embedding.
-    Sela(Box<Network>, Readout),
+    /// sela's network, which of its activations is written as the embedding, and which more
+    /// readouts beside it.
+    Sela(Box<Network>, Readout, Vec<Readout>),
     Pretrained(Pretrained),
 }
 
@@ -184,14 +200,24 @@ impl Model {
     fn layout(&self, spec: &ModelSpec) -> FeaturesLayout {
         FeaturesLayout {
             embedding_dim: match self {
-                Model::Sela(_, readout) => readout.dim(spec),
+                Model::Sela(_, readout, _) => readout.dim(spec),
                 Model::Pretrained(p) => p.dim,
             },
             head_sizes: spec.heads.clone(),
+            extra_embeddings: match self {
+                Model::Sela(_, _, extra) => extra
+                    .iter()
+                    .map(|r| GridEmbedding {
+                        grid: r.grid,
+                        dim: r.dim(spec),
+                    })
+                    .collect(),
+                Model::Pretrained(_) => Vec::new(),
+            },
         }
     }
 
-    /// Embeddings and per-head logits of `n` HWC u8 images.
+    /// Embeddings, the extra readouts' embeddings and per-head logits of `n` HWC u8 images.
     fn infer(
         &self,
         pixels: &[u8],
@@ -199,9 +225,9 @@ impl Model {
         shape: Shape,
         norm: &Normalize,
         scratch: &mut Vec<f32>,
-    ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+    ) -> Result<Inferred> {
         match self {
-            Model::Sela(net, readout) => {
+            Model::Sela(net, readout, extra) => {
                 scratch.resize(n * shape.len(), 0.0);
                 for (src, dst) in pixels
                     .chunks(shape.len())
@@ -210,12 +236,24 @@ impl Model {
                     clean_into(src, shape, norm, dst);
                 }
                 let out = net.infer(scratch, n, *readout)?;
-                Ok((out.embedding, out.logits))
+                // One more pass a readout: only the rounds before a spectral one ask for any.
+                let extra = extra
+                    .iter()
+                    .map(|r| Ok(net.infer(scratch, n, *r)?.embedding))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((out.embedding, extra, out.logits))
             }
-            Model::Pretrained(p) => p.infer(pixels, n, shape.channels, shape.height, shape.width),
+            Model::Pretrained(p) => {
+                let (embedding, logits) =
+                    p.infer(pixels, n, shape.channels, shape.height, shape.width)?;
+                Ok((embedding, Vec::new(), logits))
+            }
         }
     }
 }
+
+/// A batch's embeddings, its extra readouts' embeddings and its per-head logits.
+type Inferred = (Vec<f32>, Vec<Vec<f32>>, Vec<Vec<f32>>);
 
 fn extract(
     config: &PipelineConfig,
@@ -284,11 +322,12 @@ fn extract(
             .chunks(opts.batch_size)
             .zip(pixels.chunks(opts.batch_size * shape.len()))
         {
-            let (embedding, logits) =
+            let (embedding, extra, logits) =
                 model.infer(chunk_pixels, chunk.len(), shape, &norm, &mut scratch)?;
             let ids: Vec<u64> = chunk.iter().map(|&i| batch.ids().value(i)).collect();
+            let extra: Vec<&[f32]> = extra.iter().map(Vec::as_slice).collect();
             let logits: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
-            writer.push(&ids, &embedding, &logits)?;
+            writer.push_with_extra(&ids, &embedding, &extra, &logits)?;
             written += chunk.len() as u64;
             progress.inc(chunk.len() as u64);
         }

@@ -207,6 +207,64 @@ fn readout_sets_the_embedding_and_leaves_the_logits() {
     assert!(!dir.path().join("bad").exists());
 }
 
+#[test]
+fn extra_grids_are_written_beside_the_embedding_only_before_a_spectral_round() {
+    let (dir, _, data) = setup(9);
+    let cfg = dir.path().join("p.toml");
+    let config = PipelineConfig::load_with(
+        &cfg,
+        &[
+            "model.embedding_stage=0".into(),
+            "model.embedding_grid=2".into(),
+            "assign.spectral=3".into(),
+            "assign.spectral_from_round=2".into(),
+            "assign.spectral_fragments=8".into(),
+            "assign.spectral_refine=3.0".into(),
+            "assign.spectral_extra_grids=[3]".into(),
+        ],
+    )
+    .unwrap();
+    sela_extract::write_initial_model(&config, &dir.path().join("init.safetensors")).unwrap();
+    let at = |round: u32, out: &str| {
+        let o = ExtractOptions {
+            round,
+            ..opts(dir.path(), &data, out, Shard::WHOLE, 4)
+        };
+        run(&config, &o).unwrap();
+        dir.path().join(out)
+    };
+    let (before, feeding) = (at(0, "r0"), at(1, "r1"));
+    let extra = features::grid_embedding_column(3);
+    assert_eq!(extra, "embedding_grid3");
+    let (_, info) = features::open_parts(&feeding).unwrap();
+    let layout = info.unwrap().layout;
+    // Stage 0 is 4 channels: 2×2 cells give D = 16, 3×3 cells D = 36.
+    assert_eq!(
+        (layout.embedding_dim, layout.extra_embeddings),
+        (16, vec![features::GridEmbedding { grid: 3, dim: 36 }])
+    );
+    let grid3 = features::read_matrix(&feeding, &extra).unwrap();
+    assert_eq!((grid3.ids.len(), grid3.cols), (9, 36));
+    // The same values as a run whose embedding itself is read out on 3×3 cells.
+    let alone = PipelineConfig::load_with(
+        &cfg,
+        &[
+            "model.embedding_stage=0".into(),
+            "model.embedding_grid=3".into(),
+        ],
+    )
+    .unwrap();
+    run(&alone, &opts(dir.path(), &data, "alone", Shard::WHOLE, 4)).unwrap();
+    let read = |dir: &Path, column: &str| features::read_matrix(dir, column).unwrap().values;
+    assert_eq!(grid3.values, read(&dir.path().join("alone"), "embedding"));
+    assert_eq!(read(&before, "embedding"), read(&feeding, "embedding"));
+    // Round 0's features feed round 1, whose labels are solved: no extra column.
+    let err = features::read_matrix(&before, &extra)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("embedding_grid3"), "{err}");
+}
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sela-extract"))
 }

@@ -85,6 +85,7 @@ fn layout() -> FeaturesLayout {
     FeaturesLayout {
         embedding_dim: 3,
         head_sizes: vec![2, 4],
+        extra_embeddings: Vec::new(),
     }
 }
 

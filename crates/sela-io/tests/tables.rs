@@ -14,6 +14,7 @@ fn info(rows: u64) -> FeaturesInfo {
         layout: FeaturesLayout {
             embedding_dim: 3,
             head_sizes: vec![2, 4],
+            extra_embeddings: Vec::new(),
         },
         dataset: "d.parquet".into(),
         dataset_rows: rows,

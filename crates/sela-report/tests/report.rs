@@ -72,6 +72,7 @@ fn write_features(dir: &Path, n: usize, first_id: u64, round: u32) {
         layout: FeaturesLayout {
             embedding_dim: DIM,
             head_sizes: HEADS.to_vec(),
+            extra_embeddings: Vec::new(),
         },
         dataset: "dataset.parquet".into(),
         dataset_rows: n as u64,

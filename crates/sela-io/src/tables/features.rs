@@ -5,6 +5,7 @@
 //! | `id` | UInt64 | the dataset row |
 //! | `embedding` | FixedSizeList<Float32, D> | the backbone's pooled embedding |
 //! | `logits_<h>` | FixedSizeList<Float32, K_h> | head `h`'s logits, one column per head |
+//! | `embedding_grid<G>` | FixedSizeList<Float32, D_G> | the embedding's stage read out on G × G cells; only where the layout lists G |
 //!
 //! Metadata `sela.features`: the [`FeaturesInfo`] (layout, dataset, shard, checkpoint).
 //! Stages that only need one vector column (the Sinkhorn stage) read it with [`read_matrix`],
@@ -32,6 +33,12 @@ pub const KEY_INFO: &str = "sela.features";
 /// Name of the embedding column.
 pub const EMBEDDING: &str = "embedding";
 
+/// Name of the column holding the embedding's stage read out on `grid` × `grid` cells, beside
+/// `embedding`.
+pub fn grid_embedding_column(grid: usize) -> String {
+    format!("embedding_grid{grid}")
+}
+
 /// Name of head `h`'s logits column.
 pub fn logits_column(head: usize) -> String {
     format!("logits_{head}")
@@ -49,6 +56,19 @@ pub struct FeaturesLayout {
     pub embedding_dim: usize,
     /// K of each head.
     pub head_sizes: Vec<usize>,
+    /// More readouts of the embedding's stage, each its own column (empty in files written
+    /// before there were any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_embeddings: Vec<GridEmbedding>,
+}
+
+/// One more readout of the embedding's stage: column [`grid_embedding_column`]`(grid)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GridEmbedding {
+    /// Side of the grid the stage is average-pooled onto.
+    pub grid: usize,
+    /// Its size D.
+    pub dim: usize,
 }
 
 /// What a features file describes, stored in its metadata.
@@ -70,6 +90,12 @@ pub fn contract(layout: &FeaturesLayout) -> Contract {
         Column::required("id", ColumnType::UInt64),
         Column::required(EMBEDDING, ColumnType::F32Vector(Some(layout.embedding_dim))),
     ];
+    for extra in &layout.extra_embeddings {
+        columns.push(Column::required(
+            grid_embedding_column(extra.grid),
+            ColumnType::F32Vector(Some(extra.dim)),
+        ));
+    }
     for (h, &k) in layout.head_sizes.iter().enumerate() {
         columns.push(Column::required(
             logits_column(h),
@@ -102,13 +128,28 @@ impl FeaturesWriter {
         let meta = FileMeta::new(TABLE, VERSION, provenance)
             .with_json(KEY_INFO, info)
             .with_json(KEY_SHARD, &shard);
-        let row_bytes = 4 * (layout.embedding_dim + layout.head_sizes.iter().sum::<usize>()) + 8;
+        let extra_dims: usize = layout.extra_embeddings.iter().map(|e| e.dim).sum();
+        let row_bytes =
+            4 * (layout.embedding_dim + extra_dims + layout.head_sizes.iter().sum::<usize>()) + 8;
         let out = TableWriter::create(target, schema, &meta, rows_per_group_for(row_bytes))?;
         Ok(FeaturesWriter { out, layout })
     }
 
-    /// Appends rows: `embedding` is row-major n×D, `logits[h]` row-major n×K_h.
+    /// Appends rows: `embedding` is row-major n×D, `logits[h]` row-major n×K_h. For a layout
+    /// without extra embeddings.
     pub fn push(&mut self, ids: &[u64], embedding: &[f32], logits: &[&[f32]]) -> Result<()> {
+        self.push_with_extra(ids, embedding, &[], logits)
+    }
+
+    /// Appends rows as [`push`](Self::push) does, with `extra[e]` the layout's extra embedding
+    /// `e`, row-major n×D_e.
+    pub fn push_with_extra(
+        &mut self,
+        ids: &[u64],
+        embedding: &[f32],
+        extra: &[&[f32]],
+        logits: &[&[f32]],
+    ) -> Result<()> {
         let n = ids.len();
         assert_eq!(
             embedding.len(),
@@ -124,6 +165,20 @@ impl FeaturesWriter {
             Arc::new(UInt64Array::from(ids.to_vec())),
             Arc::new(vector_array(embedding, self.layout.embedding_dim)),
         ];
+        assert_eq!(
+            extra.len(),
+            self.layout.extra_embeddings.len(),
+            "number of extra embeddings"
+        );
+        for (values, e) in extra.iter().zip(&self.layout.extra_embeddings) {
+            assert_eq!(
+                values.len(),
+                n * e.dim,
+                "shape of extra embedding {}",
+                e.grid
+            );
+            columns.push(Arc::new(vector_array(values, e.dim)));
+        }
         for (h, &k) in self.layout.head_sizes.iter().enumerate() {
             assert_eq!(logits[h].len(), n * k, "logits shape of head {h}");
             columns.push(Arc::new(vector_array(logits[h], k)));

@@ -84,6 +84,12 @@ pub struct SpectralStats {
     /// they were read off K-way k-means.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeSettings>,
+    /// The embedding column the graph joins rows on; absent: `embedding`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+    /// The graphs of the merge's `extra_grids`, in their order (empty: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_graphs: Vec<SpectralStats>,
 }
 
 /// Which of several merged cuts is kept.
@@ -138,6 +144,12 @@ pub struct MergeSettings {
     /// refined partition of highest modularity was kept (empty: `fragments` alone).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_fragments: Vec<usize>,
+    /// Grids of more readouts of the embedding's stage (columns `embedding_grid<G>`), each with
+    /// its own graph, labelled the same way; of every graph's labels those of highest mean NMI
+    /// with the heads' clusterings + `refine` × mean modularity over the graphs were kept
+    /// (empty: the `embedding` graph alone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_grids: Vec<usize>,
 }
 
 /// How one head's merged spectral labels came out.
@@ -173,6 +185,14 @@ pub struct MergeReport {
     /// How the refinement towards the heads' clusterings went (absent: none was asked for).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refinement: Option<RefineReport>,
+    /// With the settings' `extra_grids`: the embedding column whose graph's labels were kept
+    /// (the figures above are that graph's); absent when there was one graph.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_embedding: Option<String>,
+    /// With the settings' `extra_grids`: each graph's labels' score, `embedding` first, then
+    /// the extra grids in order (empty when there was one graph).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub embedding_scores: Vec<f64>,
 }
 
 /// How a merged partition was refined towards the heads' own clusterings.
