@@ -235,13 +235,12 @@ impl Model {
                 {
                     clean_into(src, shape, norm, dst);
                 }
-                let out = net.infer(scratch, n, *readout)?;
-                // One more pass a readout: only the rounds before a spectral one ask for any.
-                let extra = extra
-                    .iter()
-                    .map(|r| Ok(net.infer(scratch, n, *r)?.embedding))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok((out.embedding, extra, out.logits))
+                let readouts: Vec<Readout> = std::iter::once(*readout)
+                    .chain(extra.iter().copied())
+                    .collect();
+                let mut out = net.infer_readouts(scratch, n, &readouts)?;
+                let embedding = out.embeddings.remove(0);
+                Ok((embedding, out.embeddings, out.logits))
             }
             Model::Pretrained(p) => {
                 let (embedding, logits) =

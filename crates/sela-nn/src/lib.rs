@@ -25,7 +25,7 @@ mod simd;
 pub mod spec;
 
 pub use error::{NnError, Result};
-pub use network::{Network, Outputs, Param, StepStats};
+pub use network::{Network, Outputs, Param, ReadoutOutputs, StepStats};
 pub use optim::{Optimizer, OptimizerKind};
 pub use schedule::LrSchedule;
 pub use spec::{ModelSpec, Readout};

@@ -35,6 +35,15 @@ pub struct Outputs {
     pub logits: Vec<Vec<f32>>,
 }
 
+/// What [`Network::infer_readouts`] returns for `n` images.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadoutOutputs {
+    /// Per readout asked for, n×D_r embeddings, row-major.
+    pub embeddings: Vec<Vec<f32>>,
+    /// Per head, n×K_h logits, row-major.
+    pub logits: Vec<Vec<f32>>,
+}
+
 /// Result of one training step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepStats {
@@ -471,16 +480,45 @@ impl Network {
     /// images, with BatchNorm in inference mode (folded into the convolutions). Each image's
     /// outputs are bit-identical whatever batch it is computed in.
     pub fn infer(&self, images: &[f32], n: usize, readout: Readout) -> Result<Outputs> {
+        let ReadoutOutputs {
+            mut embeddings,
+            logits,
+        } = self.infer_readouts(images, n, &[readout])?;
+        Ok(Outputs {
+            embedding: embeddings.swap_remove(0),
+            logits,
+        })
+    }
+
+    /// As [`infer`](Self::infer), with the embeddings of every one of `readouts` from the same
+    /// pass: each equals what `infer` returns for that readout alone.
+    pub fn infer_readouts(
+        &self,
+        images: &[f32],
+        n: usize,
+        readouts: &[Readout],
+    ) -> Result<ReadoutOutputs> {
         self.check_images(images, n)?;
-        readout.validate(&self.spec)?;
-        let (readout_block, stage_shape) = self.plan.stages[readout.stage];
-        let readout_shape = PoolShape {
-            grid: readout.grid,
-            ..stage_shape
-        };
-        let heads_input = readout == Readout::heads_input(&self.spec);
-        let rd = readout_shape.dim();
+        let heads_input = Readout::heads_input(&self.spec);
+        // Per readout: the block it pools after and its pooling, or None for the heads' input.
+        let mut pools: Vec<Option<(usize, PoolShape)>> = Vec::with_capacity(readouts.len());
+        for r in readouts {
+            r.validate(&self.spec)?;
+            let (block, stage_shape) = self.plan.stages[r.stage];
+            pools.push((*r != heads_input).then_some((
+                block,
+                PoolShape {
+                    grid: r.grid,
+                    ..stage_shape
+                },
+            )));
+        }
         let plan = &self.plan;
+        let d = plan.d;
+        let dims: Vec<usize> = pools
+            .iter()
+            .map(|p| p.map_or(d, |(_, shape)| shape.dim()))
+            .collect();
         let fold = |c: &ConvL, bn: &BnL| -> (Vec<f32>, Vec<f32>) {
             let per = c.s.kdim();
             let w = &self.params[c.w].data;
@@ -509,8 +547,7 @@ impl Network {
                 )
             })
             .collect();
-        let d = plan.d;
-        let mut embedding = vec![0.0f32; n * rd];
+        let mut embeddings: Vec<Vec<f32>> = dims.iter().map(|&rd| vec![0.0f32; n * rd]).collect();
         let mut logits: Vec<Vec<f32>> = plan.heads.iter().map(|h| vec![0.0; n * h.k]).collect();
         let len = self.spec.image_len();
         let mut emb_chunk = vec![0.0f32; INFER_CHUNK * d];
@@ -559,8 +596,10 @@ impl Network {
                 };
                 conv::forward(&b.conv2.s, m, &h1, &f2.0, epi, &mut out);
                 std::mem::swap(&mut a, &mut out);
-                if bi == readout_block && !heads_input {
-                    readout_shape.pool(&a, m, &mut embedding[start * rd..(start + m) * rd]);
+                for ((pool, emb), &rd) in pools.iter().zip(&mut embeddings).zip(&dims) {
+                    if let Some((_, shape)) = pool.filter(|&(block, _)| block == bi) {
+                        shape.pool(&a, m, &mut emb[start * rd..(start + m) * rd]);
+                    }
                 }
                 if let Some((_, shape)) = plan.head_readout.filter(|&(block, _)| block == bi) {
                     head_emb_chunk.fill(0.0);
@@ -569,8 +608,10 @@ impl Network {
             }
             emb_chunk.fill(0.0);
             plan.heads_pool().pool(&a, m, &mut emb_chunk[..m * d]);
-            if heads_input {
-                embedding[start * d..(start + m) * d].copy_from_slice(&emb_chunk[..m * d]);
+            for (pool, emb) in pools.iter().zip(&mut embeddings) {
+                if pool.is_none() {
+                    emb[start * d..(start + m) * d].copy_from_slice(&emb_chunk[..m * d]);
+                }
             }
             for (hl, lg) in plan.heads.iter().zip(logits.iter_mut()) {
                 head_out.resize(INFER_CHUNK * hl.k, 0.0);
@@ -583,7 +624,7 @@ impl Network {
                 lg[start * hl.k..(start + m) * hl.k].copy_from_slice(&head_out[..m * hl.k]);
             }
         }
-        Ok(Outputs { embedding, logits })
+        Ok(ReadoutOutputs { embeddings, logits })
     }
 
     /// `out[n×K] = emb · Wᵀ + b`.

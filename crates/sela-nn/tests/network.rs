@@ -77,6 +77,32 @@ fn output_shapes() {
 }
 
 #[test]
+fn several_readouts_in_one_pass_equal_each_alone() {
+    let s = spec(1, 12, vec![3, 5]);
+    let net = Network::init(&s, 4).unwrap();
+    let x = images(9, s.image_len(), 6);
+    let readouts = [
+        Readout { stage: 0, grid: 2 },
+        Readout::heads_input(&s),
+        Readout { stage: 0, grid: 3 },
+        Readout { stage: 1, grid: 2 },
+    ];
+    let together = net.infer_readouts(&x, 9, &readouts).unwrap();
+    assert_eq!(together.embeddings.len(), readouts.len());
+    for (r, embedding) in readouts.iter().zip(&together.embeddings) {
+        let alone = net.infer(&x, 9, *r).unwrap();
+        assert_eq!(embedding, &alone.embedding, "{r:?}");
+        assert_eq!(together.logits, alone.logits);
+    }
+    let bad = [
+        Readout { stage: 0, grid: 2 },
+        Readout { stage: 0, grid: 13 },
+    ];
+    let err = net.infer_readouts(&x, 9, &bad).unwrap_err();
+    assert!(err.to_string().contains("embedding_grid 13"), "{err}");
+}
+
+#[test]
 fn gradients_equal_candle_autograd() {
     let plain = spec(3, 7, vec![3, 4]);
     // Stage 0 is 7×7 (a 3×3 grid's cells overlap there), stage 1 4×4 (the heads' own stage).
